@@ -1,0 +1,5 @@
+import sys
+
+from ditf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,15 @@
+"""`ditf eval ...`: benchmark evaluation commands (correspondence and video propagation)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `ditf eval <benchmark>` sub-commands."""
+    from ditf.cli import eval_correspondence, eval_davis
+
+    parser = subparsers.add_parser("eval", help="evaluate features on a benchmark")
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+    eval_correspondence.register(benchmarks)
+    eval_davis.register(benchmarks)
