@@ -1,1 +1,1 @@
-
+"""DiTF feature extraction: preprocessing, the featurizer, and pure post-processing functions."""
