@@ -1,0 +1,112 @@
+"""DiTFeaturizer on a tiny FLUX pipeline folder, loaded the way users load real models."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import ditf.features.featurizer as featurizer_module
+from ditf import DiTFeaturizer
+from ditf.errors import InvalidArgumentError
+
+IMAGE = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)
+SETTINGS = dict(t=261, block=28, ensemble=2, resolution=128)
+
+
+@pytest.fixture(scope="module")
+def fx(flux_pipeline_dir):
+    return DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), device="cpu")
+
+
+def test_features_have_one_map_per_image_at_stride_16(fx):
+    feats = fx([IMAGE, IMAGE[:, ::-1].copy()], prompt="a photo of a cat", **SETTINGS)
+    assert feats.shape == (2, 64, 96 // 16, 128 // 16) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all()
+
+
+def test_same_seed_same_features_other_seed_other_features(fx):
+    a = fx([IMAGE], seed=0, **SETTINGS)
+    assert torch.equal(a, fx([IMAGE], seed=0, **SETTINGS))
+    assert not torch.allclose(a, fx([IMAGE], seed=1, **SETTINGS))
+
+
+def test_an_image_gets_the_same_features_wherever_it_is_in_the_batch(fx):
+    other = np.zeros_like(IMAGE)
+    assert torch.equal(fx([IMAGE], **SETTINGS)[0], fx([other, IMAGE], **SETTINGS)[1])
+
+
+def test_vae_sampling_modes(fx):
+    per_member, shared, mode = (fx([IMAGE], vae_sample=m, **SETTINGS) for m in ("per_member", "shared", "mode"))
+    assert not torch.equal(per_member, mode) and not torch.equal(shared, mode)
+    with pytest.raises(InvalidArgumentError, match="vae_sample"):
+        fx([IMAGE], vae_sample="twice", **SETTINGS)
+
+
+def test_text_encoders_run_once_per_distinct_prompt(fx):
+    calls = []
+    handle = fx.text_pipeline.text_encoder_2.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for _ in range(3):
+            fx([IMAGE], prompt="a dog on grass", **SETTINGS)
+        fx([IMAGE], prompt="a cat", **SETTINGS)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+
+
+def test_prompt_embeds_bypass_the_text_encoders(fx):
+    cond = fx.encode_prompt("a cat")
+    direct = fx([IMAGE], prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], **SETTINGS)
+    assert torch.equal(direct, fx([IMAGE], prompt="a cat", **SETTINGS))
+    with pytest.raises(InvalidArgumentError, match="pooled_prompt_embeds"):
+        fx([IMAGE], prompt_embeds=cond["prompt_embeds"], **SETTINGS)
+
+
+def test_building_from_modules_equals_loading_the_folder(fx):
+    pipe = fx.text_pipeline
+    built = DiTFeaturizer(fx.transformer, fx.vae, text_encoders=[pipe.text_encoder, pipe.text_encoder_2],
+                          tokenizers=[pipe.tokenizer, pipe.tokenizer_2])
+    assert torch.equal(built([IMAGE], prompt="a cat", **SETTINGS), fx([IMAGE], prompt="a cat", **SETTINGS))
+
+
+def test_ablation_switches(fx):
+    raw = fx([IMAGE], normalize=False, modulate=False, discard=None, **SETTINGS)
+    ln_only = fx([IMAGE], modulate=False, discard=None, **SETTINGS)
+    assert raw[0, [11, 42]].abs().min() > 100  # massive channels survive in the raw feature
+    assert torch.allclose(ln_only.mean(1), torch.zeros(1), atol=1e-4)
+
+
+def test_long_prompt_warns_about_truncation(fx):
+    with pytest.warns(UserWarning, match="tokenizer.*at most 77"):
+        fx.encode_prompt("a " * 100)
+
+
+def test_bad_timestep_and_block_name_the_valid_range(fx):
+    with pytest.raises(InvalidArgumentError, match="outside 0..1000"):
+        fx([IMAGE], **{**SETTINGS, "t": 1261})
+    with pytest.raises(InvalidArgumentError, match=r"valid blocks are 0..28 \(0-18 = transformer_blocks"):
+        fx([IMAGE], **{**SETTINGS, "block": 29})
+
+
+def test_partially_loaded_model_refuses_later_blocks(flux_pipeline_dir):
+    partial = DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), device="cpu", block=20)
+    with pytest.raises(InvalidArgumentError, match="was not loaded.*block=24"):
+        partial([IMAGE], **{**SETTINGS, "block": 24})
+
+
+def test_bf16_on_a_cpu_that_cannot_run_it(monkeypatch, flux_pipeline_dir):
+    monkeypatch.setattr(featurizer_module, "cpu_runs_bfloat16", lambda: False)
+    with pytest.raises(InvalidArgumentError, match="bfloat16 cannot run on this CPU.*float32"):
+        DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), torch_dtype=torch.bfloat16, device="cpu", block=19)
+
+
+def test_released_text_encoders_keep_cached_prompts(flux_pipeline_dir):
+    fx = DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), device="cpu", block=19)
+    fx.encode_prompt("a cat")
+    fx.release_text_encoders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fx([IMAGE], prompt="a cat", **{**SETTINGS, "block": 19})
+    with pytest.raises(InvalidArgumentError, match="released"):
+        fx([IMAGE], prompt="a dog", **{**SETTINGS, "block": 19})
