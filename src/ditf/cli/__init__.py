@@ -17,12 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
     from ditf.cli import eval as eval_cli
     from ditf.cli import features as features_cli
     from ditf.cli import massive as massive_cli
+    from ditf.cli import smoke as smoke_cli
 
     parser = argparse.ArgumentParser(prog="ditf", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     features_cli.register(subparsers)
     eval_cli.register(subparsers)
     massive_cli.register(subparsers)
+    smoke_cli.register(subparsers)
     return parser
 
 

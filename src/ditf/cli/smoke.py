@@ -1,0 +1,29 @@
+"""`ditf smoke-model`: build the random-weight FLUX-architecture smoke model used by the demo."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `smoke-model`."""
+    parser = subparsers.add_parser(
+        "smoke-model", help="save a tiny RANDOM-WEIGHT FLUX-architecture pipeline (features are meaningless; for smoke tests)"
+    )
+    parser.add_argument("output", help="folder to write the diffusers pipeline to")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the smoke pipeline folder (skipped when it already exists)."""
+    from pathlib import Path
+
+    from ditf.smoke import build_flux_smoke_pipeline
+
+    folder = Path(args.output)
+    if (folder / "model_index.json").is_file():
+        print(f"smoke model already at {folder}")
+        return 0
+    build_flux_smoke_pipeline(folder)
+    print(f"wrote a random-weight FLUX-architecture smoke model to {folder} (its features are meaningless)")
+    return 0

@@ -1,0 +1,47 @@
+"""`ditf features` and `ditf match` end to end on a tiny FLUX pipeline folder."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditf.cli import main
+from ditf.features.io import load_features
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+SMALL = ["--block", "21", "--t", "261", "--ensemble", "1", "--resolution", "128", "--dtype", "fp32", "--device", "cpu"]
+
+
+def test_features_writes_one_file_per_image_with_settings(flux_pipeline_dir, tmp_path):
+    images = [str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg")]
+    assert main(["features", *images, "--model", str(flux_pipeline_dir), "-o", str(tmp_path), *SMALL]) == 0
+    feats, settings = load_features(tmp_path / "cat1.safetensors")
+    assert feats.shape == (64, 96 // 16, 128 // 16)
+    assert settings["block"] == 21 and settings["t"] == 261 and settings["discard"] == "auto"
+    assert settings["image"].endswith("cat1.jpg")
+    before = (tmp_path / "cat2.safetensors").stat().st_mtime_ns
+    assert main(["features", *images, "--model", str(flux_pipeline_dir), "-o", str(tmp_path), *SMALL]) == 0
+    assert (tmp_path / "cat2.safetensors").stat().st_mtime_ns == before  # same settings: kept, not recomputed
+
+
+def test_match_prints_points_and_draws_the_figure(flux_pipeline_dir, tmp_path, capsys):
+    figure = tmp_path / "match.png"
+    code = main(["match", str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg"), "--points", "186,185;274,185",
+                 "--model", str(flux_pipeline_dir), "-o", str(figure), *SMALL])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["source"] == [[186, 185], [274, 185]]
+    assert all(0 <= x < 480 and 0 <= y < 360 for x, y in result["target"])
+    assert figure.stat().st_size > 10_000
+
+
+def test_bad_inputs_exit_with_a_message(flux_pipeline_dir, tmp_path, capsys):
+    assert main(["features", str(tmp_path / "missing.jpg"), "--model", str(flux_pipeline_dir), "-o", str(tmp_path)]) == 2
+    assert "missing.jpg" in capsys.readouterr().err
+    assert main(["features", str(EXAMPLES / "cat1.jpg"), "--model", "flux-devv", "-o", str(tmp_path)]) == 2
+    assert "flux-dev" in capsys.readouterr().err  # the known aliases are listed
+    code = main(["match", str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg"), "--points", "9999,5",
+                 "--model", str(flux_pipeline_dir), "-o", str(tmp_path / "m.png"), *SMALL])
+    assert code == 2 and "outside the source image" in capsys.readouterr().err
