@@ -1,0 +1,117 @@
+"""Spatial K-means clustering of image tokens on their massive channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditf.errors import InvalidArgumentError
+from ditf.massive.clustering import cluster_massive_tokens, kmeans, mask_iou, minmax_per_channel
+
+GRID = (16, 20)
+MASSIVE = [3, 9]
+
+
+def planted_square() -> torch.Tensor:
+    """(16, 20) bool mask with a 6x7 foreground square at rows 4-9, columns 8-14."""
+    square = torch.zeros(GRID, dtype=torch.bool)
+    square[4:10, 8:15] = True
+    return square
+
+
+def activations_with_square(foreground_shift: float, seed: int = 0) -> torch.Tensor:
+    """(N, 32) activations: channels 3 and 9 near 100 everywhere, shifted on the planted square."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(GRID[0] * GRID[1], 32, generator=generator)
+    on_square = planted_square().flatten().float()
+    for channel in MASSIVE:
+        x[:, channel] = 100.0 + foreground_shift * on_square + 0.5 * torch.randn(x.shape[0], generator=generator)
+    return x
+
+
+def test_clustering_recovers_a_planted_foreground_square():
+    result = cluster_massive_tokens(activations_with_square(foreground_shift=8.0), MASSIVE, GRID)
+
+    assert result.mask.shape == GRID and result.mask.dtype == torch.bool
+    assert torch.equal(result.mask, planted_square())
+    assert result.heatmap.shape == GRID
+    assert result.heatmap[planted_square()].mean() > 0.8 > 0.2 > result.heatmap[~planted_square()].mean()
+    assert result.channels == MASSIVE
+
+
+def test_foreground_is_the_cluster_with_the_higher_score():
+    # The square now has the *lower* MA values, so the surrounding region is the foreground.
+    result = cluster_massive_tokens(activations_with_square(foreground_shift=-8.0), MASSIVE, GRID)
+    assert torch.equal(result.mask, ~planted_square())
+
+
+def test_opposite_sign_channels_need_magnitudes_to_pick_the_foreground():
+    x = activations_with_square(foreground_shift=8.0)
+    x[:, 9] = -x[:, 9]  # channel 9 is now near -100 and more negative on the square
+    signed = cluster_massive_tokens(x, MASSIVE, GRID)
+    magnitude = cluster_massive_tokens(x, MASSIVE, GRID, use_magnitude=True)
+
+    assert torch.equal(signed.labels, magnitude.labels)  # same partition either way
+    assert torch.equal(magnitude.mask, planted_square())
+
+
+def test_batched_input_of_one_sample_is_accepted_and_results_are_seeded():
+    x = activations_with_square(foreground_shift=8.0)[None]
+    first = cluster_massive_tokens(x, MASSIVE, GRID, seed=7)
+    second = cluster_massive_tokens(x, MASSIVE, GRID, seed=7)
+    assert torch.equal(first.labels, second.labels) and first.inertia == second.inertia
+
+
+def test_minmax_maps_each_channel_to_the_unit_interval_and_constants_to_zero():
+    values = torch.tensor([[1.0, 5.0, -2.0], [3.0, 5.0, 0.0], [2.0, 5.0, 2.0]])
+    assert minmax_per_channel(values).tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.5], [0.5, 0.0, 1.0]]
+
+
+def test_kmeans_separates_two_blobs_and_keeps_the_best_restart():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(40, 2, generator=generator), torch.randn(60, 2, generator=generator) + 10])
+    labels, centers, inertia = kmeans(points, 2, seed=1)
+
+    assert labels[:40].unique().numel() == 1 and labels[40:].unique().numel() == 1 and labels[0] != labels[-1]
+    assert sorted(centers[:, 0].round().tolist()) == [0.0, 10.0]
+    expected = ((points.double() - centers[labels]) ** 2).sum()
+    assert inertia == pytest.approx(float(expected))
+
+
+def test_three_clusters_pick_the_highest_scoring_one():
+    x = activations_with_square(foreground_shift=8.0)
+    rows = torch.arange(GRID[0] * GRID[1]) // GRID[1]
+    x[rows < 2, 3] += 16.0  # a third, stronger band on channel 3 only (top two rows)
+    x[rows < 2, 9] += 16.0
+    result = cluster_massive_tokens(x, MASSIVE, GRID, num_clusters=3)
+    expected = torch.zeros(GRID, dtype=torch.bool)
+    expected[:2] = True
+    assert torch.equal(result.mask, expected)
+
+
+def test_mask_iou_by_hand():
+    a = torch.tensor([[True, True], [False, False]])
+    b = torch.tensor([[True, False], [True, False]])
+    assert mask_iou(a, b) == pytest.approx(1 / 3)
+    assert mask_iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
+    with pytest.raises(InvalidArgumentError, match="mask shapes differ"):
+        mask_iou(a, torch.zeros(3, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grid_hw": (16, 16)}, r"grid_hw=\(16, 16\) does not hold N=320 tokens"),
+        ({"channels": [3, 32]}, r"channels \[32\] are out of range; valid channel indices are 0..31"),
+        ({"channels": []}, "channels is empty"),
+    ],
+)
+def test_bad_arguments_name_the_problem(kwargs, message):
+    arguments = {"x": activations_with_square(8.0), "channels": MASSIVE, "grid_hw": GRID, **kwargs}
+    with pytest.raises(InvalidArgumentError, match=message):
+        cluster_massive_tokens(**arguments)
+
+
+def test_a_batch_of_several_samples_must_be_split():
+    with pytest.raises(InvalidArgumentError, match=r"Cluster each batch item separately"):
+        cluster_massive_tokens(torch.zeros(2, 320, 32), MASSIVE, GRID)
