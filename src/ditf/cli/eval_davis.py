@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ditf.cli.common import add_model_args, feature_settings, featurizer_from_args
+from ditf.errors import InvalidArgumentError
 from ditf.eval.davis import (
     DITF_DAVIS_SHORT_SIDE,
     DITF_DAVIS_SIZE_MULTIPLE,
@@ -19,8 +21,12 @@ from ditf.eval.davis import (
 )
 from ditf.matching.propagation import DITF_DAVIS_PROPAGATION, PropagationSettings
 
+# DiTF's DAVIS feature settings (ganchaofan0000/DiTF `eval_davis.sh`/README): FLUX block k=24, t=90,
+# one noise draw, the fixed prompt "a photo of a image" (sic), massive channels discarded.
+DITF_DAVIS_BLOCK = 24
+DITF_DAVIS_T = 90
+DITF_DAVIS_ENSEMBLE = 1
 DITF_DAVIS_PROMPT = "a photo of a image"
-"""DiTF's fixed DAVIS prompt (sic), from its `eval_davis.py`."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,29 +42,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.set_defaults(func=run_score)
 
     davis = subparsers.add_parser(
-        "davis", help="propagate DAVIS-2017 first-frame masks with DiT features, then score J&F"
+        "davis",
+        help="propagate DAVIS-2017 first-frame masks with DiT features, then score J&F",
+        description=(
+            "DiTF's DAVIS protocol by default: block 24, t 90, ensemble 1, prompt 'a photo of a image', "
+            "frames with short side 960 (long side floored to a multiple of 32), the first frame plus 7 "
+            "previous frames, window radius 12 cells, top-5, temperature 0.1."
+        ),
     )
     _add_dataset_arguments(davis)
-    davis.add_argument("--model", required=True, help="model alias, hub id or local folder (e.g. flux-dev)")
-    davis.add_argument("--block", type=int, default=24, help="global block index k (DiTF DAVIS: 24)")
-    davis.add_argument("--t", type=int, default=90, help="timestep out of 1000 (DiTF DAVIS: 90)")
-    davis.add_argument("--ensemble", type=int, default=1, help="noised copies averaged (DiTF DAVIS: 1)")
-    davis.add_argument("--prompt", default=DITF_DAVIS_PROMPT, help="text prompt (DiTF: %(default)r)")
-    davis.add_argument("--seed", type=int, default=0, help="noise seed")
-    davis.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     davis.add_argument("--output", type=Path, required=True, help="results folder to fill with <seq>/<frame>.png")
     davis.add_argument("--scores", type=Path, help="scores JSON path (default: <output>/jf.json)")
     davis.add_argument("--plot", type=Path, help="also save a per-object J/F bar chart here")
-    davis.add_argument("--short-side", type=int, default=DITF_DAVIS_SHORT_SIDE, help="frame short side in px")
-    davis.add_argument(
+    add_model_args(davis, block=DITF_DAVIS_BLOCK, t=DITF_DAVIS_T)
+    davis.set_defaults(ensemble=DITF_DAVIS_ENSEMBLE, prompt=DITF_DAVIS_PROMPT)
+    frames = davis.add_argument_group("frames and propagation (default: DiTF's DAVIS settings)")
+    frames.add_argument("--short-side", type=int, default=DITF_DAVIS_SHORT_SIDE, help="frame short side in px")
+    frames.add_argument(
         "--size-multiple", type=int, default=DITF_DAVIS_SIZE_MULTIPLE, help="long side floored to this multiple"
     )
-    davis.add_argument("--n-last-frames", type=int, default=DITF_DAVIS_PROPAGATION.n_last_frames)
-    davis.add_argument(
+    frames.add_argument("--n-last-frames", type=int, default=DITF_DAVIS_PROPAGATION.n_last_frames)
+    frames.add_argument(
         "--radius", type=int, default=DITF_DAVIS_PROPAGATION.neighborhood_radius, help="window radius in cells"
     )
-    davis.add_argument("--topk", type=int, default=DITF_DAVIS_PROPAGATION.topk)
-    davis.add_argument("--temperature", type=float, default=DITF_DAVIS_PROPAGATION.temperature)
+    frames.add_argument("--topk", type=int, default=DITF_DAVIS_PROPAGATION.topk)
+    frames.add_argument("--temperature", type=float, default=DITF_DAVIS_PROPAGATION.temperature)
     davis.set_defaults(func=run_propagate_and_score)
 
 
@@ -81,24 +89,24 @@ def run_score(args: argparse.Namespace) -> int:
 def run_propagate_and_score(args: argparse.Namespace) -> int:
     """Propagate with the DiT features of `--model`, write the results folder, then score it."""
     settings = PropagationSettings(args.n_last_frames, args.radius, args.topk, args.temperature)
+    extract_fn, feature_record = build_extract_fn(args)
     run_davis(
         args.root,
-        build_extract_fn(args),
+        extract_fn,
         args.output,
         split=args.split,
         sequences=args.sequences,
         short_side=args.short_side,
         size_multiple=args.size_multiple,
         settings=settings,
+        feature_record={"model": args.model, **feature_record},
         progress=not args.quiet,
     )
     scores = score_davis(args.root, args.output, args.split, sequences=args.sequences, progress=not args.quiet)
     scores["settings"] = {
-        "model": args.model, "block": args.block, "t": args.t, "ensemble": args.ensemble,
-        "prompt": args.prompt, "seed": args.seed, "short_side": args.short_side,
-        "size_multiple": args.size_multiple, "n_last_frames": settings.n_last_frames,
-        "neighborhood_radius": settings.neighborhood_radius, "topk": settings.topk,
-        "temperature": settings.temperature,
+        "model": args.model, **feature_record, "short_side": args.short_side, "size_multiple": args.size_multiple,
+        "n_last_frames": settings.n_last_frames, "neighborhood_radius": settings.neighborhood_radius,
+        "topk": settings.topk, "temperature": settings.temperature,
     }  # fmt: skip
     scores_path = args.scores or args.output / "jf.json"
     write_json_atomic(scores_path, scores)
@@ -106,22 +114,25 @@ def run_propagate_and_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_extract_fn(args: argparse.Namespace) -> ExtractFn:
-    """A DiTFeaturizer-backed `extract_fn(image_path, (H, W)) -> (C, h, w)` for `run_davis`."""
-    from ditf import DiTFeaturizer
+def build_extract_fn(args: argparse.Namespace) -> tuple[ExtractFn, dict]:
+    """A DiTFeaturizer-backed `extract_fn(image_path, (H, W)) -> (C, h, w)` and its feature settings.
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    featurizer = DiTFeaturizer.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    The frame size comes from `run_davis` (short side rule) and replaces the featurizer's resolution.
+    """
+    if args.resolution is not None:
+        raise InvalidArgumentError(
+            f"--resolution {args.resolution} does not apply to DAVIS: frames are resized by the short-side rule; "
+            "use --short-side (and --size-multiple) instead."
+        )
+    featurizer = featurizer_from_args(args)
+    # `feature_settings` insists on a resolution; DAVIS passes `size` per frame instead, so fill and drop it
+    settings = feature_settings(argparse.Namespace(**{**vars(args), "resolution": args.short_side}), featurizer)
+    settings.pop("resolution")
 
     def extract(image_path: Path, size: tuple[int, int]) -> torch.Tensor:
-        features = featurizer(
-            [image_path], prompt=args.prompt, t=args.t, block=args.block, ensemble=args.ensemble,
-            discard="auto", seed=args.seed, size=size,
-        )  # fmt: skip
-        return features[0]
+        return featurizer([image_path], size=size, progress=False, **settings)[0]
 
-    return extract
+    return extract, {key: value for key, value in settings.items() if key != "max_batch"}
 
 
 def _report(scores: dict, output: Path | None, plot: Path | None) -> None:
