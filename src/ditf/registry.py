@@ -61,6 +61,7 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen-image", "Qwen/Qwen-Image", "qwen-image", 30, 261, 640, 8, _OURS),
         Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", "flux2", 28, 261, 640, 8, _OURS, guidance=4.0),
         Preset("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", "flux2", 12, 261, 640, 8, _OURS),
+        Preset("flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", "flux2", 16, 261, 640, 8, _OURS),
     ]
 }
 

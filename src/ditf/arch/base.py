@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -219,6 +221,13 @@ class ArchSpec(ABC):
         return min(int(round(t)), 999)
 
     # ------------------------------------------------------------ forward
+    @contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Context to hold around transformer forwards that a caller other than `run` drives (a diffusers
+        pipeline under interventions), for families whose block taps need per-call facts (FLUX.2: the text
+        length). Nothing for most families."""
+        yield
+
     @abstractmethod
     def run(self, latents: torch.Tensor, t: float, cond: Conditioning, guidance: float | None = None) -> Any:
         """Call the transformer on noisy latents (B, c, H, W) at timestep t in 0..1000.
