@@ -220,7 +220,8 @@ class DiTFeaturizer:
 
         Without `noise`, `ensemble` (default: preset) draws come from `generator` (CPU). The transformer
         runs only up to block `block`, batched `max_batch` ensemble members at a time (default: all).
-        `discard` is "auto" (preset channels, else detected), a channel list, or None.
+        `discard` is "auto" (the preset's verified channels, else detected from this image's block input),
+        a channel list, or None.
         """
         t = self._check_t(self._default("t", t))
         block = self._default("block", block)
@@ -274,7 +275,7 @@ class DiTFeaturizer:
             if discard != "auto":
                 raise InvalidArgumentError(f"discard={discard!r}: use 'auto', a list of channel indices, or None.")
             known = self.preset.massive if self.preset is not None else None
-            if known is not None and max(known.channels) < width:
+            if known is not None and known.verified and max(known.channels) < width:
                 return list(known.channels)
             return detect_massive_channels(raw_tokens, MASSIVE_RATIO)
         return check_channels(list(discard), width)
