@@ -1,0 +1,125 @@
+"""Generate an image with a stock diffusers pipeline while interventions run, and record what they did.
+
+`generate` is the library side of `ditf generate`: it seeds the pipeline, optionally records a source
+trajectory for activation transport, runs the pipeline inside `intervene`, and returns the image with
+a JSON-able record of every intervention applied (per block, step and branch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ditf.errors import InvalidArgumentError
+from ditf.massive.interventions import Action, BlockSpec, ChannelSpec, StepSpec, intervene
+from ditf.massive.report import write_json_atomic
+from ditf.massive.transport import Spatial, Transport, record_trajectory, seeded
+
+
+@dataclass(frozen=True)
+class TransportPlan:
+    """Transport from another prompt's trajectory (same seed and settings) into the generated one."""
+
+    source_prompt: str
+    blocks: BlockSpec
+    steps: StepSpec = "all"
+    channels: ChannelSpec | None = "auto"
+    spatial: Spatial = None
+    branch: str = "all"
+
+
+@dataclass
+class GenerationResult:
+    """The generated image (PIL) and the record of the run: settings, interventions, timesteps."""
+
+    image: Image.Image
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def progress_bars(pipe: Any, enabled: bool) -> Iterator[None]:
+    """Show (or hide) the pipeline's per-step progress bar inside the block, then restore its setting."""
+    previous = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(**{**previous, "disable": not enabled})
+    try:
+        yield
+    finally:
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe._progress_bar_config = previous
+
+
+def pipeline_settings(num_inference_steps: int | None, height: int | None, width: int | None,
+                      guidance_scale: float | None) -> dict[str, Any]:
+    """The pipeline keyword arguments that were given (None means: the pipeline's own default)."""
+    settings = {"num_inference_steps": num_inference_steps, "height": height, "width": width,
+                "guidance_scale": guidance_scale}
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def generate(pipe: Any, prompt: str, *, actions: Sequence[Action] = (), transport: TransportPlan | None = None,
+             seed: int = 0, num_inference_steps: int | None = None, height: int | None = None,
+             width: int | None = None, guidance_scale: float | None = None, progress: bool = True,
+             **pipe_kwargs: Any) -> GenerationResult:
+    """Run `pipe(prompt, ...)` with `actions` hooked in; return the image (PIL) and what was done.
+
+    actions: edits (`Zero`, `Scale`, ...), `DetailGuidance`, `Record`, ... (see `intervene`).
+    transport: first generates `transport.source_prompt` with the same seed and settings, recording
+    its image stream at the plan's blocks and steps, then transports it into this run. Other keyword
+    arguments go to the pipeline unchanged (and into the record).
+    """
+    if "output_type" in pipe_kwargs:
+        raise InvalidArgumentError("generate() returns a PIL image; do not pass output_type.")
+    settings = pipeline_settings(num_inference_steps, height, width, guidance_scale)
+    call_kwargs = {**settings, **pipe_kwargs, "output_type": "pil"}
+    actions = list(actions)
+    record: dict[str, Any] = {"prompt": prompt, "seed": seed, "pipeline": type(pipe).__name__,
+                              "settings": {**settings, **{k: _jsonable(v) for k, v in pipe_kwargs.items()}}}
+    with progress_bars(pipe, progress):
+        if transport is not None:
+            _, source = record_trajectory(pipe, transport.source_prompt, blocks=transport.blocks, steps=transport.steps,
+                                          seed=seed, branch=transport.branch, **call_kwargs)
+            actions.append(Transport(source, channels=transport.channels, spatial=transport.spatial,
+                                     blocks=transport.blocks, steps=transport.steps, branch=transport.branch))
+            record["transport_source"] = {"prompt": transport.source_prompt, "seed": seed}
+        with intervene(pipe, actions) as session:
+            output = pipe(prompt=prompt, **seeded(call_kwargs, seed))
+    record["timesteps"] = {str(step): t for step, t in sorted(session.timesteps.items())}
+    record["interventions"] = session.describe()
+    return GenerationResult(output.images[0], record)
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Save a PIL image (format from the suffix) through a temporary file in the same folder + os.replace."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        image.save(temporary, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return target
+
+
+def save_generation(result: GenerationResult, path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the image to `path` and its record to the same name with `.json`; return both paths."""
+    target = Path(path)
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise InvalidArgumentError(f"output {str(target)!r} has no image suffix; use e.g. out.png.")
+    image = save_image_atomic(result.image, target)
+    record = write_json_atomic(target.with_suffix(".json"), {**result.record, "image": target.name})
+    return {"image": image, "record": record}
+
+
+__all__ = ["GenerationResult", "TransportPlan", "generate", "progress_bars", "save_generation", "save_image_atomic"]

@@ -1,0 +1,219 @@
+"""Record the residual stream and AdaLN vectors at named hook points while a DiT runs.
+
+Hook points per block k (global index, see `ArchSpec.blocks`):
+- `image`: the image-token residual stream entering block k, (B, N_img, C);
+- `text`: the text-token stream entering block k, (B, N_txt, C) (blocks with a text stream only);
+- `output`: the image stream leaving block k, taken as block k+1's input (exact for the stock
+  diffusers DiTs, where nothing runs between blocks; a ControlNet residual would sit in between) and,
+  for the last block, from its outputs by shape;
+- `shift`, `scale`, `gate`: block k's image-stream AdaLN vectors, (B, C) or (B, N_img, C).
+
+Streams are reduced on the fly to per-channel statistics (`ChannelStats`, one per block, step and
+branch; memory O(C) each) unless `full=True` keeps the tensors (on the CPU). AdaLN vectors are small
+and always kept whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ditf.errors import InvalidArgumentError
+from ditf.massive.interventions import BlockCall, BlockSpec, CallState, ScopedAction, Session, StepSpec, format_indices
+from ditf.massive.stats import ChannelStats, StatsTable, channel_stats
+
+STREAM_POINTS: tuple[str, ...] = ("image", "text", "output")
+MODULATION_POINTS: tuple[str, ...] = ("shift", "scale", "gate")
+POINTS: tuple[str, ...] = STREAM_POINTS + MODULATION_POINTS
+"""Every hook point a `Record` can watch."""
+
+TensorKey = tuple[str, int, int, str]
+"""(point, block, step, branch)."""
+
+
+@dataclass
+class Recording:
+    """What a `Record` saw: statistics tables, whole tensors and the timestep of every step.
+
+    `tables[(point, branch)]` is a `StatsTable` over (block, step) for stream points;
+    `tensors[(point, block, step, branch)]` holds whole tensors (CPU) for AdaLN points and, with
+    `full=True`, for streams. `timesteps[step]` is the step's timestep (see `CallState.t`).
+    """
+
+    tables: dict[tuple[str, str], StatsTable] = field(default_factory=dict)
+    tensors: dict[TensorKey, torch.Tensor] = field(default_factory=dict)
+    timesteps: dict[int, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, point: str = "image", branch: str = "cond") -> StatsTable:
+        """The statistics table of a stream point and branch."""
+        if (point, branch) not in self.tables:
+            raise InvalidArgumentError(
+                f"no statistics for point {point!r}, branch {branch!r}; this recording has "
+                f"{sorted(self.tables) or 'none'}. Record that point and branch (Record(points=..., branch=...))."
+            )
+        return self.tables[(point, branch)]
+
+    def tensor(self, point: str, block: int, step: int, branch: str = "cond") -> torch.Tensor:
+        """The whole tensor recorded at (point, block, step, branch)."""
+        key = (point, int(block), int(step), branch)
+        if key not in self.tensors:
+            have = sorted({(p, b) for p, _, _, b in self.tensors if p == point})
+            blocks = format_indices({k for p, k, _, b in self.tensors if p == point and b == branch})
+            steps = format_indices({s for p, _, s, b in self.tensors if p == point and b == branch})
+            raise InvalidArgumentError(
+                f"the recording holds no {point!r} tensor at block {block}, step {step}, branch {branch!r} "
+                f"(it has {point!r} for branches {[b for _, b in have] or 'none'}, blocks {blocks or 'none'}, "
+                f"steps {steps or 'none'}). Record it with Record(points=({point!r},), blocks=..., steps=..., "
+                "full=True) and the same branch."
+            )
+        return self.tensors[key]
+
+    def adaln(self, block: int, step: int, branch: str = "cond", row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(shift, scale, gate) of block k at a step for one batch row, each (C,) or (N, C)."""
+        return tuple(self.tensor(point, block, step, branch)[row] for point in MODULATION_POINTS)  # type: ignore[return-value]
+
+    @property
+    def branches(self) -> list[str]:
+        """Branches present in the recording."""
+        return sorted({b for _, b in self.tables} | {key[3] for key in self.tensors})
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps present in the recording."""
+        return sorted({s for table in self.tables.values() for s in table.steps} | {key[2] for key in self.tensors})
+
+    @property
+    def blocks(self) -> list[int]:
+        """Blocks present in the recording."""
+        return sorted({b for table in self.tables.values() for b in table.blocks} | {key[1] for key in self.tensors})
+
+
+class Record(ScopedAction):
+    """Record hook points at chosen blocks, steps and CFG branch.
+
+    points: any of `POINTS`; blocks: 'all', 'last', indices or '5-20'; steps: 'all', 'last', indices
+    (with a bare transformer and unknown step count, 'last' keeps only the latest step seen);
+    branch: 'cond' (default), 'uncond', 'detail', 'all' or a list; each branch is recorded
+    separately. full: keep whole stream tensors too (True, or a list of stream points); stats: compute
+    per-channel statistics of streams; latest_only: keep only the latest step in scope (memory of one
+    step, e.g. whole tensors at the last of `steps`); device/dtype: where and how whole tensors are stored.
+    """
+
+    def __init__(self, points: Iterable[str] | str = ("image",), *, blocks: BlockSpec = "all", steps: StepSpec = "all",
+                 branch: str | Iterable[str] = "cond", full: bool | Iterable[str] = False, stats: bool = True,
+                 latest_only: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__(blocks=blocks, steps=steps, branch=branch)
+        self.points = (points,) if isinstance(points, str) else tuple(points)
+        unknown = [p for p in self.points if p not in POINTS]
+        if unknown or not self.points:
+            raise InvalidArgumentError(f"points={list(self.points)!r}; valid hook points: {', '.join(POINTS)}.")
+        recorded_streams = tuple(p for p in self.points if p in STREAM_POINTS)
+        full_points = recorded_streams if full is True else () if full is False else tuple(full)
+        bad = [p for p in full_points if p not in self.points or p not in STREAM_POINTS]
+        if bad:
+            raise InvalidArgumentError(
+                f"full={list(full_points)!r} names {bad}, which are not recorded stream points {list(self.points)}; "
+                "pass full=True or a subset of the recorded image/text/output points."
+            )
+        self.full_points = set(full_points)
+        if not stats and not self.full_points and not set(self.points) & set(MODULATION_POINTS):
+            raise InvalidArgumentError("stats=False without full tensors would record nothing; keep stats or set full=True.")
+        self.keep_stats = stats
+        self.latest_only = latest_only
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.recording = Recording()
+        self._stats: dict[tuple[str, str], dict[tuple[int, int], list[ChannelStats]]] = {}
+        self._latest_step = -1
+
+    # -------------------------------------------------------------- scope
+    def bind(self, session: Session) -> None:
+        super().bind(session)
+        self.recording.meta.update({
+            "model": type(session.transformer).__name__, "family": session.arch.family,
+            "pipeline": type(session.pipeline).__name__ if session.pipeline is not None else None,
+            "cfg_layout": session.layout.kind,
+            "points": list(self.points), **self.scope(),
+        })  # fmt: skip
+
+    def input_blocks(self) -> tuple[int, ...]:
+        wants_inputs = set(self.points) - {"output"}
+        return self.blocks if wants_inputs else ()
+
+    def output_blocks(self) -> tuple[int, ...]:
+        return self.blocks if "output" in self.points else ()
+
+    def start_run(self, state: CallState) -> None:
+        super().start_run(state)
+        if state.run > 0 and self.full_points:
+            raise InvalidArgumentError(
+                "a Record with full tensors saw a second pipeline run in one session; whole tensors are kept per "
+                "trajectory. Use one intervene() session per pipeline call (statistics-only Records may span runs)."
+            )
+
+    # -------------------------------------------------------------- recording
+    def _keeps_latest_only(self, state: CallState) -> bool:
+        return self.latest_only or (self.steps.kind == "last" and state.total_steps is None)
+
+    def _new_step(self, state: CallState) -> None:
+        """When only the latest step is kept ('last' with an unknown step count, or latest_only), drop older ones."""
+        if not self._keeps_latest_only(state) or state.step <= self._latest_step:
+            return
+        self._latest_step = state.step
+        self.recording.tensors = {k: v for k, v in self.recording.tensors.items() if k[2] == state.step}
+        for cells in self._stats.values():
+            for cell in [c for c in cells if c[1] != state.step]:
+                del cells[cell]
+
+    def _store(self, point: str, block: int, state: CallState, branch: str, value: torch.Tensor) -> None:
+        self._new_step(state)
+        if state.t is not None:
+            self.recording.timesteps[state.step] = state.t
+        if point in STREAM_POINTS and self.keep_stats:
+            self._stats.setdefault((point, branch), {}).setdefault((block, state.step), []).append(channel_stats(value))
+        if point in MODULATION_POINTS or point in self.full_points:
+            stored = value.detach().to(self.device, self.dtype or value.dtype, copy=True)
+            key = (point, block, state.step, branch)
+            previous = self.recording.tensors.get(key)
+            self.recording.tensors[key] = stored if previous is None else torch.cat([previous, stored])
+
+    def on_block_input(self, call: BlockCall) -> None:
+        state = call.state
+        for branch, rows in state.rows_in(self.branches):
+            for point in self.points:
+                if point == "output":
+                    continue
+                if point == "text":
+                    value = call.stream("text")
+                elif point == "image":
+                    value = call.image
+                else:
+                    value = getattr(call.inputs, point)
+                self._store(point, call.block.index, state, branch, value[rows])
+            self.mark(state)
+
+    def on_block_output(self, block: int, state: CallState, image: torch.Tensor) -> None:
+        for branch, rows in state.rows_in(self.branches):
+            self._store("output", block, state, branch, image[rows])
+            self.mark(state)
+
+    def finish(self, session: Session) -> None:
+        super().finish(session)
+        self.recording.meta["time_units"] = session.time_units
+        for key, cells in self._stats.items():
+            table = StatsTable(timesteps=self.recording.timesteps, meta={**self.recording.meta, "point": key[0], "branch": key[1]})
+            for (block, step), parts in sorted(cells.items()):
+                for stats in parts:
+                    table.add(block, step, stats)
+            self.recording.tables[key] = table
+
+    def describe(self) -> dict[str, Any]:
+        return {"action": "Record", "points": list(self.points), "full": sorted(self.full_points),
+                **self.scope(), "applied": self.applied}
+
+
+__all__ = ["MODULATION_POINTS", "POINTS", "Record", "Recording", "STREAM_POINTS"]

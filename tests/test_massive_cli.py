@@ -1,0 +1,95 @@
+"""`ditf massive scan` and `ditf generate`, end to end on a saved tiny FluxPipeline folder (2 steps, 64x64)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditf.cli import main
+
+SMALL = ["--height", "64", "--width", "64", "--seed", "0"]
+
+
+def test_scan_of_a_generation_writes_report_statistics_and_figures(flux_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "ma_report"
+    code = main(["massive", "scan", "--model", str(flux_pipeline_dir), "--prompt", "a corgi on a beach", "--steps", "2",
+                 *SMALL, "--plot-blocks", "28", "--rule", "ratio", "--rule", "topk:2", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "massive_report.json").read_text())
+    ratio = report["detections"]["ratio(threshold=100.0)"]
+    assert len(ratio) == 29 * 2 and all(cell["channels"] == [11, 42] for cell in ratio)
+    assert report["meta"]["mode"] == "generation" and report["timesteps"] == {"0": 1000.0, "1": 500.0}
+    assert report["alignment"]["cells"][0]["ma_channels"] == [11, 42]
+    markdown = (out / "massive_report.md").read_text()
+    assert "| 28 | 11, 42 | 11, 42 |" in markdown and "](figures/cluster_masks_step1.png)" in markdown
+    for name in ("surface_block28_step1", "channel_maps_block28_step1", "gate_alignment_block28_step1",
+                 "cluster_masks_step1", "depth_profile_step1", "step_profile_block28"):
+        assert Image.open(out / "figures" / f"{name}.png").size[0] > 300 and (out / "figures" / f"{name}.pdf").is_file()
+    assert Image.open(out / "image.png").size == (64, 64)
+    assert json.loads((out / "stats.json").read_text())["format"] == "ditf.massive.StatsTable"
+
+
+def test_scan_of_one_noised_image(flux_pipeline_dir, tmp_path, capsys):
+    picture = tmp_path / "cat.png"
+    Image.fromarray((np.random.default_rng(0).random((80, 64, 3)) * 255).astype(np.uint8)).save(picture)
+    out = tmp_path / "image_report"
+    code = main(["massive", "scan", "--model", str(flux_pipeline_dir), "--image", str(picture), "--t", "261",
+                 "--resolution", "64", "--blocks", "19-28", "--plot-blocks", "19", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "massive_report.json").read_text())
+    assert report["meta"]["mode"] == "image" and report["meta"]["t"] == 261.0 and report["steps"] == [0]
+    assert report["blocks"] == list(range(19, 29))
+    assert all(cell["channels"] == [11, 42] for cell in report["detections"]["ratio(threshold=100.0)"])
+    assert (out / "figures" / "cluster_masks_step0.png").is_file()
+
+
+def test_generate_with_disruption_detail_guidance_and_transport_records_every_intervention(flux_pipeline_dir, tmp_path, capsys):
+    target = tmp_path / "corgi_tiger.png"
+    code = main(["generate", "--model", str(flux_pipeline_dir), "--prompt", "a corgi", "--steps", "2", *SMALL,
+                 "--disrupt", "11,42@0-3", "--detail-guidance", "2.0", "--dg-layer", "10",
+                 "--transport-from", "a tiger", "--transport-layers", "5-20", "-o", str(target)])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(target).size == (64, 64)
+    record = json.loads(target.with_suffix(".json").read_text())
+    assert record["image"] == "corgi_tiger.png" and record["transport_source"]["prompt"] == "a tiger"
+    edit, guidance, transport = record["interventions"]
+    assert edit["channels"] == {"selector": "explicit", "channels": [11, 42]} and edit["blocks"] == "0-3"
+    assert {(e["block"], e["step"], e["branch"]) for e in edit["log"]} == {
+        (b, s, branch) for b in range(4) for s in (0, 1) for branch in ("cond", "detail")}
+    assert guidance["action"] == "DetailGuidance" and [e["step"] for e in guidance["log"]] == [0, 1]
+    assert transport["action"] == "Transport" and transport["blocks"] == "5-20" and transport["applied"] == 16 * 2 * 2
+
+
+def test_generate_with_auto_disruption_everywhere(flux_pipeline_dir, tmp_path, capsys):
+    target = tmp_path / "broken.png"
+    code = main(["generate", "--model", str(flux_pipeline_dir), "--prompt", "a corgi", "--steps", "2", *SMALL,
+                 "--disrupt", "auto@all", "--op", "scale:0.5", "-o", str(target)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(target.with_suffix(".json").read_text())
+    (edit,) = record["interventions"]
+    assert edit["op"] == "scale" and edit["rho"] == 0.5 and edit["applied"] == 29 * 2
+    assert Image.open(target).mode == "RGB"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dg-layer", "10"], "--detail-guidance W and --dg-layer M go together"),
+    (["--transport-layers", "5-20"], "--transport-layers only apply together with --transport-from"),
+    (["--op", "zero"], "--op only apply together with --disrupt"),
+    (["--disrupt", "auto@29"], r"block=29 is out of range .* 0\.\.28"),
+    (["--disrupt", "99@0"], r"\[99\] are out of range; valid channel indices are 0\.\.63"),
+])
+def test_generate_refuses_bad_options_with_a_clear_message(flux_pipeline_dir, tmp_path, capsys, argv, message):
+    code = main(["generate", "--model", str(flux_pipeline_dir), "--prompt", "a corgi", "--steps", "1", *SMALL, *argv,
+                 "-o", str(tmp_path / "x.png")])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_scan_needs_a_full_pipeline_and_t_only_with_an_image(flux_pipeline_dir, tmp_path, capsys):
+    code = main(["massive", "scan", "--model", str(flux_pipeline_dir / "transformer"), "--prompt", "a", "-o", str(tmp_path)])
+    assert code == 2 and "is a bare transformer" in capsys.readouterr().err
+    code = main(["massive", "scan", "--model", str(flux_pipeline_dir), "--t", "261", "-o", str(tmp_path)])
+    assert code == 2 and "t applies to single-image scans" in capsys.readouterr().err
