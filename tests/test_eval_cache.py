@@ -1,0 +1,260 @@
+"""Feature sources: the crash-safe cache, precomputed folders, shards, and the model-backed extractor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import ditf
+from ditf.cli import main
+from ditf.errors import DatasetError, InvalidArgumentError
+from ditf.eval.cache import CorruptCacheEntryWarning
+from ditf.eval.harness import (
+    VARIANTS,
+    baseline_extractor_from_args,
+    evaluate,
+    extract_shard,
+    extractor_from_args,
+    featurizer_kwargs,
+    parse_shard,
+    protocol_for,
+    shard_images,
+)
+from ditf.eval.keypoints import ImageRecord
+from ditf.eval.report import write_json_atomic
+from ditf.eval.sources import CachedExtractor, FeatureFolder, PromptPolicy
+from ditf.eval.spair import load_spair
+
+REAL = Path(__file__).parent / "fixtures" / "spair_real"
+EXPECTED = json.loads((REAL / "expected_pck.json").read_text())
+SETTINGS = {"model": "fixture", "block": 28, "t": 261.0}
+
+
+class FixtureFeatures:
+    """An extract_fn that serves the fixture's precomputed maps and records its calls."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls: list[tuple[str, str]] = []
+        self.fail_after = fail_after
+
+    def __call__(self, image_path: Path, prompt: str) -> torch.Tensor:
+        if self.fail_after is not None and len(self.calls) == self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls.append((image_path.name, prompt))
+        return load_file(REAL / "features" / "aeroplane" / f"{image_path.stem}.safetensors")["features"]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_spair(REAL)
+
+
+def score(dataset, source) -> float:
+    return evaluate(dataset, source, protocol_for(dataset), progress=False)["all_per_point"]
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.safetensors"))
+
+
+def test_each_image_is_extracted_once_and_a_new_run_reuses_the_cache(dataset, tmp_path):
+    first = FixtureFeatures()
+    assert score(dataset, CachedExtractor(first, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert len(first.calls) == 4 and len(cache_entries(tmp_path)) == 4
+    second = FixtureFeatures()
+    assert score(dataset, CachedExtractor(second, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert second.calls == []
+
+
+def test_a_killed_run_resumes_with_only_complete_entries(dataset, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        score(dataset, CachedExtractor(FixtureFeatures(fail_after=2), tmp_path, SETTINGS))
+    assert len(cache_entries(tmp_path)) == 2 and not list(tmp_path.rglob("*.tmp"))
+    resumed = FixtureFeatures()
+    assert score(dataset, CachedExtractor(resumed, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert len(resumed.calls) == 2
+
+
+def test_truncated_or_altered_entries_are_detected_and_recomputed(dataset, tmp_path):
+    score(dataset, CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS))
+    truncated, altered = cache_entries(tmp_path)[:2]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    data = bytearray(altered.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the tensor data: same length, valid header
+    altered.write_bytes(bytes(data))
+    again = FixtureFeatures()
+    with pytest.warns(CorruptCacheEntryWarning, match="will be recomputed"):
+        assert score(dataset, CachedExtractor(again, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert len(again.calls) == 2
+
+
+def test_the_key_covers_image_content_settings_and_prompt(tmp_path):
+    image_path = tmp_path / "cat" / "a.jpg"
+    image_path.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(image_path)
+    image = ImageRecord(path=image_path, group="cat", size=(8, 8))
+    base = CachedExtractor(FixtureFeatures(), tmp_path / "cache", SETTINGS)
+    key = base.key_for(image)
+    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", {**SETTINGS, "t": 90.0}).key_for(image) != key
+    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", SETTINGS, PromptPolicy("class")).key_for(image) != key
+    Image.new("RGB", (8, 8), color=(200, 30, 0)).save(image_path)  # same name, new content
+    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", SETTINGS).key_for(image) != key
+
+
+def test_half_precision_storage_returns_identical_maps_when_resumed(dataset, tmp_path):
+    image = dataset.images()[0]
+    fresh = CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS, storage_dtype=torch.float16).load(image)
+    resumed = CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS, storage_dtype=torch.float16).load(image)
+    assert fresh.dtype == torch.float16 and torch.equal(fresh, resumed)
+
+
+def test_feature_folder_names_missing_and_malformed_files(dataset, tmp_path):
+    features = Path(shutil.copytree(REAL / "features", tmp_path / "features"))
+    folder = FeatureFolder(features)
+    image = dataset.images()[0]
+    path = features / "aeroplane" / f"{image.stem}.safetensors"
+    for tensors, message in [
+        ({"features": torch.zeros(1, 48, 27, 40)}, r"shape \(1, 48, 27, 40\); expected \(C, h, w\)"),
+        ({"features": torch.zeros(48, 27, 40, dtype=torch.int32)}, "dtype I32"),
+        ({"feats": torch.zeros(48, 27, 40)}, "no 'features'"),
+    ]:
+        save_file(tensors, path)
+        with pytest.raises(DatasetError, match=message):
+            folder.load(image)
+    path.unlink()
+    with pytest.raises(DatasetError, match=f"{image.stem}.safetensors does not exist"):
+        folder.load(image)
+    with pytest.raises(DatasetError, match="1 of 4 images have no features"):
+        score(dataset, folder)
+
+
+def test_extractor_output_is_checked(dataset, tmp_path):
+    batched = CachedExtractor(lambda path, prompt: torch.zeros(1, 4, 2, 2), tmp_path, SETTINGS)
+    with pytest.raises(DatasetError, match="extractor output .* shape \\(1, 4, 2, 2\\)"):
+        batched.load(dataset.images()[0])
+
+
+def test_shards_partition_the_images_and_scoring_waits_for_all_of_them(dataset, tmp_path, monkeypatch):
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "a/b", "2", "-1/2"):
+        with pytest.raises(InvalidArgumentError, match="0 <= i < n"):
+            parse_shard(bad)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_shard("auto") == (1, 2)
+
+    images = dataset.images()
+    shards = [shard_images(images, i, 3) for i in range(3)]
+    assert sorted(image.key for shard in shards for image in shard) == sorted(image.key for image in images)
+
+    first = FixtureFeatures()
+    summary = extract_shard(dataset, CachedExtractor(first, tmp_path, SETTINGS), (0, 2), progress=False)
+    assert summary == {"shard": "0/2", "images": 2, "extracted": 2, "missing_in_dataset": 2}
+    scorer = CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS, cache_only=True)
+    with pytest.raises(DatasetError, match="2 of 4 images have no features .* every --shard i/n"):
+        score(dataset, scorer)
+    extract_shard(dataset, CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS), (1, 2), progress=False)
+    assert score(dataset, scorer) == EXPECTED["all_per_point"]
+
+
+class FakeFeaturizer:
+    """Stands in for ditf.DiTFeaturizer: records how it is built and called, serves fixture maps."""
+
+    loads: list[tuple[str, dict]] = []
+    calls: list[dict] = []
+
+    @classmethod
+    def from_pretrained(cls, model: str, **kwargs):
+        cls.loads.append((model, kwargs))
+        return cls()
+
+    def __call__(self, images, prompt="", **kwargs):
+        self.calls.append({"image": Path(images[0]), "prompt": prompt, **kwargs})
+        with Image.open(images[0]) as image:
+            size = image.size
+        if size[0] == size[1]:  # the square-padded image of --protocol geoaware
+            return torch.ones(1, 8, 4, 4)
+        return load_file(REAL / "features" / "aeroplane" / f"{Path(images[0]).stem}.safetensors")["features"][None]
+
+
+@pytest.fixture
+def fake_featurizer(monkeypatch):
+    FakeFeaturizer.loads, FakeFeaturizer.calls = [], []
+    monkeypatch.setattr(ditf, "DiTFeaturizer", FakeFeaturizer, raising=False)
+    return FakeFeaturizer
+
+
+def model_args(tmp_path: Path, **overrides) -> argparse.Namespace:
+    options = {"model": "tiny-model", "variant": "raw", "block": 3, "t": 261.0, "ensemble": 2, "resolution": None,
+               "seed": 0, "dtype": "fp32", "device": "cpu", "prompt_mode": "class", "captions": None,
+               "cache": str(tmp_path / "cache"), "cache_dtype": None, "cache_only": False, "protocol": "ditf",
+               "pad_size": 840}
+    return argparse.Namespace(**{**options, **overrides})
+
+
+def test_extractor_from_args_loads_the_model_lazily_with_the_variant_settings(dataset, tmp_path, fake_featurizer):
+    extractor = extractor_from_args(model_args(tmp_path))
+    assert fake_featurizer.loads == []
+    extractor.load(dataset.images()[0])
+    extractor.load(dataset.images()[1])
+    assert fake_featurizer.loads == [("tiny-model", {"torch_dtype": torch.float32, "device": "cpu", "block": 3})]
+    call = fake_featurizer.calls[0]
+    assert call["prompt"] == "a photo of a aeroplane"
+    assert {k: call[k] for k in ("normalize", "modulate", "discard", "block", "t", "ensemble", "seed")} == {
+        "normalize": False, "modulate": False, "discard": None, "block": 3, "t": 261.0, "ensemble": 2, "seed": 0}
+    assert extractor_from_args(model_args(tmp_path, cache_only=True)).available(dataset.images()[0])
+
+
+def test_variants_and_preset_defaults():
+    assert VARIANTS["ditf"] == {"normalize": True, "modulate": True, "discard": "auto"}
+    assert VARIANTS["ln"] == {"normalize": True, "modulate": False, "discard": None}
+    assert VARIANTS["adaln"] == {"normalize": True, "modulate": True, "discard": None}
+    flux = featurizer_kwargs(argparse.Namespace(model="flux-dev", variant="ditf", block=None, t=None, ensemble=None,
+                                                resolution=None, seed=0))
+    assert {k: flux[k] for k in ("block", "t", "ensemble", "resolution")} == {"block": 28, "t": 261.0, "ensemble": 8,
+                                                                              "resolution": 640}
+
+
+def test_baselines_key_the_cache_with_their_settings_and_published_prompt_mode(tmp_path):
+    args = model_args(tmp_path, baseline="dinov2-b14", prompt_mode=None, dtype=None)
+    extractor = baseline_extractor_from_args(args)  # nothing is loaded until a feature is missing
+    assert extractor.prompts.mode == "empty"
+    assert {k: extractor.settings[k] for k in ("baseline", "model", "resolution")} == {
+        "baseline": "dinov2-b14", "model": "facebook/dinov2-base", "resolution": 840}
+
+
+def test_geoaware_extraction_sees_the_square_padded_image(dataset, tmp_path, fake_featurizer):
+    extractor = extractor_from_args(model_args(tmp_path, protocol="geoaware", pad_size=64))
+    assert extractor.load(dataset.images()[0]).shape == (8, 4, 4)
+    assert extractor.settings["frame"] == "square_pad_64"
+
+
+def test_cli_shards_then_scores_from_the_cache(tmp_path, fake_featurizer, capsys):
+    base = ["eval", "spair", "--root", str(REAL), "--model", "tiny-model", "--block", "3", "--t", "261",
+            "--ensemble", "1", "--dtype", "fp32", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(base + ["--shard", "0/2"]) == 0
+    assert '"missing_in_dataset": 2' in capsys.readouterr().out
+    assert main(base + ["--cache-only", "--output", str(tmp_path / "r.json")]) == 2
+    assert "2 of 4 images have no features" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    assert main(base + ["--shard", "1/2"]) == 0
+    assert main(base + ["--cache-only", "--output", str(tmp_path / "r.json")]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["all_per_point"] == EXPECTED["all_per_point"]
+    assert results["settings"]["model"] == "tiny-model" and results["settings"]["variant"] == "ditf"
+    assert len(fake_featurizer.loads) == 2  # one per shard process; the scoring run never loads the model
+
+
+def test_results_are_written_atomically(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"all_per_point": 1.0})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"all_per_point": object()})
+    assert json.loads(path.read_text()) == {"all_per_point": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
