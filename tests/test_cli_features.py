@@ -1,11 +1,8 @@
 """`ditf features` and `ditf match` end to end on a tiny FLUX pipeline folder."""
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
-import torch
 
 from ditf.cli import main
 from ditf.features.io import load_features

@@ -28,7 +28,7 @@ from ditf.eval.harness import (
     shard_images,
 )
 from ditf.eval.keypoints import ImageRecord
-from ditf.eval.report import write_json_atomic
+from ditf.io import write_json_atomic
 from ditf.eval.sources import CachedExtractor, FeatureFolder, PromptPolicy
 from ditf.eval.spair import load_spair
 

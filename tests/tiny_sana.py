@@ -26,7 +26,7 @@ def build_sana_pipeline(folder: Path, *, massive_channels: Sequence[int] = (), m
     `massive_channels` get `massive_value` added to the patch-embedding bias, so they are huge in every
     block's image-token residual stream.
     """
-    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(

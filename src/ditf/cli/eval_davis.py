@@ -10,6 +10,7 @@ import torch
 
 from ditf.cli.common import add_model_args, feature_settings, featurizer_from_args
 from ditf.errors import InvalidArgumentError
+from ditf.io import write_json_atomic
 from ditf.eval.davis import (
     DITF_DAVIS_SHORT_SIDE,
     DITF_DAVIS_SIZE_MULTIPLE,
@@ -17,7 +18,6 @@ from ditf.eval.davis import (
     plot_davis_scores,
     run_davis,
     score_davis,
-    write_json_atomic,
 )
 from ditf.matching.propagation import DITF_DAVIS_PROPAGATION, PropagationSettings
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from ditf.errors import InvalidArgumentError
-from ditf.eval.report import write_bytes_atomic
+from ditf.io import write_bytes_atomic
 
 FEATURES_KEY = "features"
 CACHE_FORMAT = "ditf-feature-cache-1"

@@ -16,8 +16,6 @@ object as Mean, Recall and Decay, and averaged over objects (not sequences).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -31,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ditf.errors import DatasetError, ImageError, InvalidArgumentError
+from ditf.io import atomic_path, write_json_atomic
 from ditf.eval.davis_metrics import (
     OFFICIAL_BOUNDARY_THRESHOLD,
     boundary_f_measures,
@@ -176,25 +175,8 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> None:
         raise InvalidArgumentError(f"labels for {path} must be a 2-D array of ids 0..255; got shape {labels.shape}.")
     image = Image.fromarray(labels.astype(np.uint8))
     image.putpalette(davis_palette().ravel().tolist())  # turns the "L" image into "P", keeping the ids
-    _atomic_write(Path(path), lambda handle: image.save(handle, format="PNG"))
-
-
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    """Write `data` as indented JSON to `path` via a temporary file and os.replace."""
-    text = json.dumps(data, indent=1)
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode()))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-        os.replace(handle.name, path)
-    finally:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -490,5 +472,6 @@ def plot_davis_scores(scores: dict[str, Any], path: str | Path) -> Path:
     axes.legend(loc="lower right")
     figure.tight_layout()
     path = Path(path)
-    _atomic_write(path, lambda handle: figure.savefig(handle, format=path.suffix.lstrip(".") or "png"))
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=path.suffix.lstrip(".") or "png")
     return path

@@ -8,41 +8,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ditf.eval.keypoints import CorrespondenceDataset
+from ditf.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ditf.eval.metrics import bbox_threshold, correct_mask, point_errors
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a synced temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write `data` as indented JSON, atomically."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8), atomically."""
-    write_bytes_atomic(path, text.encode())
 
 
 def format_protocol_card(card: dict) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ditf.errors import DatasetError
+from ditf.io import atomic_path
 
 
 def save_features(path: str | Path, features: torch.Tensor, settings: dict[str, Any], half: bool = False) -> Path:
@@ -20,17 +19,10 @@ def save_features(path: str | Path, features: torch.Tensor, settings: dict[str, 
 
     `half=True` stores fp16 (half the size; cosine matching is insensitive to it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensor = features.detach().to(torch.float16 if half else torch.float32).contiguous().cpu()
     metadata = {"settings": json.dumps(settings, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"features": tensor}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as temporary:
+        save_file({"features": tensor}, temporary, metadata=metadata)
     return path
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ditf.errors import InvalidArgumentError
+from ditf.io import atomic_path
 from ditf.massive.interventions import Action, BlockSpec, ChannelSpec, StepSpec, intervene
 from ditf.massive.report import write_json_atomic
 from ditf.massive.transport import Spatial, Transport, record_trajectory, seeded
@@ -102,13 +103,8 @@ def _jsonable(value: Any) -> Any:
 def save_image_atomic(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Save a PIL image (format from the suffix) through a temporary file in the same folder + os.replace."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(target) as temporary:
         image.save(temporary, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return target
 
 

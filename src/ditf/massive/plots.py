@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ditf.errors import InvalidArgumentError
+from ditf.io import atomic_path
 from ditf.massive.clustering import ClusterMasks
 from ditf.massive.stats import check_channels
 
@@ -66,12 +67,8 @@ def save_figure(figure: Figure, path_stem: str | os.PathLike[str], dpi: int = 20
     written = []
     for fmt in FORMATS:
         target = stem.with_name(f"{stem.name}.{fmt}")
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(target) as temporary:
             figure.savefig(temporary, format=fmt, dpi=dpi)
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
         written.append(target)
     return written
 

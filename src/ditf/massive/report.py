@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditf.errors import InvalidArgumentError
+from ditf.io import write_text_atomic
 from ditf.massive import plots
 from ditf.massive.detect import (
     AdalnAlignment,
@@ -41,20 +41,6 @@ _MAX_ALIGNMENT_ROWS = 60
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writing
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace; return the path."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return target
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
