@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ditf.arch import ArchSpec, Conditioning, arch_for
 from ditf.errors import InvalidArgumentError
-from ditf.features.postprocess import check_channels, detect_massive_channels, ditf_features, ensemble_mean
+from ditf.features.postprocess import check_channels, detect_massive_channels, ditf_features
 from ditf.features.preprocess import ImageInput, prepare_image
 from ditf.registry import Preset
 from ditf.taps import run_until, tap_block
