@@ -3,12 +3,15 @@
 Only the transformer's blocks 0..k are read when a block k is given: the model is built on the meta
 device from its real config (so every offset and skip connection is what the full model has), blocks
 after k become `nn.Identity` placeholders, and only the needed tensors are read from the safetensors
-files.
+files. Single files go through `ditf.single_file`. Hub downloads honour `HF_HUB_OFFLINE` as set at call
+time, and loading refuses diffusers versions outside `SUPPORTED_DIFFUSERS`.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,14 @@ import torch
 from torch import nn
 
 from ditf.arch import adapters
-from ditf.errors import InvalidArgumentError, UnknownModelError
+from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
 from ditf.registry import PRESETS, Preset, preset_for_hub_id
+
+SUPPORTED_DIFFUSERS = ">=0.35,<0.43"
+"""diffusers versions whose block layouts ditf's adapters were written and tested against (as in pyproject)."""
+
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+"""Files of a hub repository that loading needs (configs, safetensors weights, tokenizer files)."""
 
 
 @dataclass
@@ -40,25 +49,61 @@ def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block
     (then `config` names a local folder holding the diffusers `config.json`). `block` limits the
     transformer to blocks 0..block. Honours `HF_HUB_OFFLINE`.
     """
+    check_diffusers_version()
     preset = PRESETS.get(model)
     source = preset.hub_id if preset is not None else model
     path = Path(source).expanduser()
     if path.is_file():
-        from ditf.single_file import load_single_file
+        from ditf.single_file import load_single_file, resolve_config
 
         transformer = load_single_file(path, config=config, torch_dtype=torch_dtype, block=block)
+        pipeline_folder = resolve_config(config, path).pipeline
+        if pipeline_folder is not None:
+            return load_pipeline(pipeline_folder, transformer, torch_dtype=torch_dtype, preset=preset)
         return LoadedComponents(transformer, None, None, preset)
     if path.is_dir():
         folder = path
     elif _looks_like_path(source):
-        raise UnknownModelError(
-            f"model {model!r}: no such file or folder. Pass a preset alias ({', '.join(PRESETS)}), a hub id "
-            "(owner/name), a local diffusers folder or a single-file checkpoint."
-        )
+        raise UnknownModelError(_unknown_model(model))
     else:
         folder = download(source, token=token, revision=revision)
         preset = preset or preset_for_hub_id(source)
     return load_folder(folder, torch_dtype=torch_dtype, block=block, preset=preset, model=model)
+
+
+def _unknown_model(model: str) -> str:
+    """Message for a `model` that is no alias, no existing path and not shaped like a hub id."""
+    if "/" not in model and "\\" not in model and not Path(model).suffix:
+        close = difflib.get_close_matches(model, list(PRESETS), n=2)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        return (
+            f"unknown model alias {model!r}.{hint} Known aliases: {', '.join(PRESETS)}; or pass a Hugging Face hub "
+            "id (owner/name), a local diffusers folder or a single-file checkpoint."
+        )
+    return (
+        f"model {model!r}: no such file or folder. Pass a preset alias ({', '.join(PRESETS)}), a hub id "
+        "(owner/name), a local diffusers folder or a single-file checkpoint."
+    )
+
+
+def check_diffusers_version(version: str | None = None) -> None:
+    """Fail with the fix when the installed diffusers (or `version`) is outside `SUPPORTED_DIFFUSERS`."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        import diffusers
+
+        version = diffusers.__version__
+    try:
+        supported = Version(version) in SpecifierSet(SUPPORTED_DIFFUSERS, prereleases=True)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise UnsupportedLayoutError(
+            f"diffusers {version} is installed, but ditf supports diffusers{SUPPORTED_DIFFUSERS} (the block layouts "
+            f"its adapters hook). Install a supported version: pip install 'diffusers{SUPPORTED_DIFFUSERS}'."
+        )
 
 
 def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | None, preset: Preset | None,
@@ -66,22 +111,39 @@ def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | N
     """Load a local diffusers pipeline folder or a bare transformer folder."""
     if (folder / "model_index.json").is_file():
         index = json.loads((folder / "model_index.json").read_text())
-        transformer_class = index.get("transformer", [None, None])[1]
+        if "transformer" not in index:
+            parts = ", ".join(f"{name}: {spec[1]}" for name, spec in index.items()
+                              if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None)
+            raise UnknownModelError(_not_a_dit(model, None, f"its model_index.json has no transformer ({parts})"))
+        transformer_class = index["transformer"][1]
         if transformer_class not in adapters():
             raise UnknownModelError(_not_a_dit(model, transformer_class))
         transformer = load_transformer(folder / "transformer", block=block, torch_dtype=torch_dtype)
-        from diffusers import DiffusionPipeline
-
-        pipeline = DiffusionPipeline.from_pretrained(folder, transformer=transformer, torch_dtype=torch_dtype)
-        return LoadedComponents(transformer, getattr(pipeline, "vae", None), pipeline, preset)
+        return load_pipeline(folder, transformer, torch_dtype=torch_dtype, preset=preset)
     if (folder / "config.json").is_file():
         transformer = load_transformer(folder, block=block, torch_dtype=torch_dtype)
         return LoadedComponents(transformer, None, None, preset)
     raise UnknownModelError(_not_a_dit(model, None))
 
 
-def _not_a_dit(model: str, class_name: str | None) -> str:
-    found = f"its transformer is {class_name}" if class_name else "it has neither model_index.json nor config.json"
+def load_pipeline(folder: Path, transformer: nn.Module, *, torch_dtype: torch.dtype | None,
+                  preset: Preset | None) -> LoadedComponents:
+    """The diffusers pipeline in `folder` (VAE, text encoders, tokenizers) around an already loaded `transformer`.
+
+    Components saved as absent (`[null, null]` in model_index.json, e.g. a pipeline kept without its text
+    encoders to be used with `prompt_embeds`) stay None.
+    """
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {name: None for name, spec in index.items() if not name.startswith("_") and spec == [None, None]}
+    pipeline = DiffusionPipeline.from_pretrained(folder, transformer=transformer, torch_dtype=torch_dtype, **absent)
+    return LoadedComponents(transformer, getattr(pipeline, "vae", None), pipeline, preset)
+
+
+def _not_a_dit(model: str, class_name: str | None, found: str | None = None) -> str:
+    if found is None:
+        found = f"its transformer is {class_name}" if class_name else "it has neither model_index.json nor config.json"
     return (
         f"{model!r} is not a supported DiT: {found}. Supported transformer classes: {', '.join(sorted(adapters()))}. "
         "Pass a diffusers pipeline folder, a transformer folder, or a preset alias."
@@ -107,7 +169,12 @@ def transformer_class(folder: Path) -> type[nn.Module]:
 
 
 def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load the transformer in `folder`; with `block`, only blocks 0..block are read (later ones are placeholders)."""
+    """Load the transformer in `folder`; with `block`, only blocks 0..block are read (later ones are placeholders).
+
+    Weights are cast to `torch_dtype`; without it they come out float32 either way (as diffusers'
+    `from_pretrained` does), so `block` never changes the dtype.
+    """
+    check_diffusers_version()
     cls = transformer_class(folder)
     if block is None:
         return cls.from_pretrained(folder, torch_dtype=torch_dtype).eval()
@@ -118,13 +185,16 @@ def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: tor
     return load_prefix_weights(model, files, torch_dtype)
 
 
-def build_prefix(cls: type[nn.Module], config: dict, block: int) -> nn.Module:
+def build_prefix(cls: type[nn.Module], config: dict, block: int | None) -> nn.Module:
     """`cls` built from its real `config` on the meta device, with blocks after global index `block` replaced by
-    `nn.Identity` (kept in place so that block counts, offsets and skips stay those of the full model)."""
+    `nn.Identity` (kept in place so that block counts, offsets and skips stay those of the full model).
+    `block=None` keeps every block."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = cls.from_config(config)
+    if block is None:
+        return model
     lists = [getattr(model, stage) for stage in adapters()[cls.__name__].stages]
     total = sum(len(blocks) for blocks in lists)
     if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < total:
@@ -141,7 +211,8 @@ def build_prefix(cls: type[nn.Module], config: dict, block: int) -> nn.Module:
 def load_prefix_weights(model: nn.Module, files: list[Path], torch_dtype: torch.dtype | None) -> nn.Module:
     """Fill a meta-device `model` with the tensors it needs from safetensors `files`, and nothing else.
 
-    Every parameter and buffer the model has must be found (strict), else the checkpoint does not match.
+    Every parameter and buffer the model has must be found with its shape (strict), else the checkpoint
+    does not match its config. Floating tensors become `torch_dtype`, or the model's own dtype (float32).
     """
     from safetensors import safe_open
 
@@ -150,8 +221,15 @@ def load_prefix_weights(model: nn.Module, files: list[Path], torch_dtype: torch.
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key in wanted:
-                    state[key] = _cast(handle.get_tensor(key), torch_dtype)
+                if key not in wanted:
+                    continue
+                shape = list(handle.get_slice(key).get_shape())
+                if shape != list(wanted[key].shape):
+                    raise UnknownModelError(
+                        f"{file.name}: tensor {key} has shape {shape}, but config.json describes {list(wanted[key].shape)}; "
+                        "the weights and config.json come from different models."
+                    )
+                state[key] = _cast(handle.get_tensor(key), torch_dtype or wanted[key].dtype)
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise UnknownModelError(
@@ -162,21 +240,42 @@ def load_prefix_weights(model: nn.Module, files: list[Path], torch_dtype: torch.
     return model.eval()
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def hub_offline() -> bool:
+    """True when `HF_HUB_OFFLINE` is set now (huggingface_hub itself reads it only once, at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
 def download(hub_id: str, *, token: str | None = None, revision: str | None = None) -> Path:
-    """Local snapshot of a hub repository (from the cache in offline mode), with errors that say what to do."""
+    """Local snapshot of a hub repository with the files loading needs, and errors that say what to do.
+
+    For a pipeline repository only the components named in `model_index.json` are fetched (not e.g. the
+    single-file checkpoints some repositories also hold at their root). With `HF_HUB_OFFLINE` set, only
+    the local cache is read and no connection is attempted.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    offline = hub_offline()
     try:
-        return Path(snapshot_download(hub_id, token=token, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]))
+        configs = Path(snapshot_download(hub_id, token=token, revision=revision, local_files_only=offline,
+                                         allow_patterns=["model_index.json", "config.json"]))
+        patterns = list(WEIGHT_PATTERNS)
+        if (configs / "model_index.json").is_file():
+            components = [name for name in json.loads((configs / "model_index.json").read_text()) if not name.startswith("_")]
+            patterns = ["model_index.json"] + [f"{name}/{pattern}" for name in components for pattern in WEIGHT_PATTERNS]
+        return Path(snapshot_download(hub_id, token=token, revision=revision, local_files_only=offline,
+                                      allow_patterns=patterns))
     except GatedRepoError as err:
         raise UnknownModelError(
-            f"{hub_id!r} is gated: accept its licence on huggingface.co/{hub_id} and set HF_TOKEN (or pass token=...)."
+            f"{hub_id!r} is gated: accept its licence on https://huggingface.co/{hub_id} with your account, then set "
+            "the HF_TOKEN environment variable to an access token of that account (or pass token=...)."
         ) from err
     except RepositoryNotFoundError as err:
         raise UnknownModelError(
@@ -184,11 +283,12 @@ def download(hub_id: str, *, token: str | None = None, revision: str | None = No
             f"Known aliases: {', '.join(PRESETS)}."
         ) from err
     except LocalEntryNotFoundError as err:
+        reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise UnknownModelError(
-            f"{hub_id!r} is not in the local Hugging Face cache and the hub cannot be reached (offline mode or no "
-            f"network). Download it first on a connected machine: `huggingface-cli download {hub_id}`, or pass a "
-            "local folder."
+            f"{hub_id!r} is not in the local Hugging Face cache and {reason}. Download it first on a connected "
+            f"machine: `hf download {hub_id}` (into the same HF_HOME cache), or pass a local folder."
         ) from err
 
 
-__all__ = ["LoadedComponents", "download", "load_components", "load_transformer"]
+__all__ = ["LoadedComponents", "SUPPORTED_DIFFUSERS", "build_prefix", "check_diffusers_version", "download",
+           "hub_offline", "load_components", "load_folder", "load_pipeline", "load_transformer"]

@@ -17,12 +17,14 @@ the guidance scale (3.5 by default).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.single_file import TensorSource
 
 
 class FluxArch(ArchSpec):
@@ -90,3 +92,133 @@ class FluxArch(ArchSpec):
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         prompt_embeds, pooled, _ = pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    original_layout: ClassVar[str] = "Black Forest Labs FLUX.1 (img_in, double_blocks.N, single_blocks.N, final_layer)"
+    """The layout of single-file checkpoints released outside diffusers, as `ditf.single_file` names it."""
+
+    @staticmethod
+    def original_key_map(shapes: Mapping[str, Sequence[int]]) -> dict[str, TensorSource] | None:
+        """diffusers key -> `TensorSource` for a BFL-layout checkpoint with these key shapes; None for other layouts."""
+        return bfl_flux_key_map(shapes) if is_bfl_flux_checkpoint(shapes) else None
+
+
+# ---------------------------------------------------------------- original (Black Forest Labs) checkpoints
+# Single-file FLUX.1 checkpoints (flux1-dev.safetensors, ComfyUI files) keep BFL's own module names. The map
+# below is width-generic: D comes from `img_in.weight` and each single block's MLP width from its `linear1`.
+
+BFL_MARKER_KEYS = ("img_in.weight", "double_blocks.0.img_mod.lin.weight")
+"""Keys whose presence identifies a checkpoint in Black Forest Labs' FLUX.1 layout."""
+
+_BFL_EMBEDDERS = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_BFL_DOUBLE_BLOCK = {
+    "img_mod.lin": "norm1.linear",
+    "txt_mod.lin": "norm1_context.linear",
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+}
+_BFL_DOUBLE_QK_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+_BFL_DOUBLE_QKV = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_BFL_SINGLE_BLOCK = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
+_BFL_SINGLE_QK_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def is_bfl_flux_checkpoint(keys: Collection[str]) -> bool:
+    """True when checkpoint `keys` (any `model.diffusion_model.` prefix already stripped) are BFL FLUX.1 names."""
+    return all(key in keys for key in BFL_MARKER_KEYS)
+
+
+def bfl_flux_key_map(shapes: Mapping[str, Sequence[int]]) -> dict[str, TensorSource]:
+    """Where every `FluxTransformer2DModel` tensor lies in a BFL-layout checkpoint, for any width.
+
+    `shapes` maps the checkpoint's keys (prefix stripped) to tensor shapes; the result maps diffusers keys
+    to their `TensorSource`. Fused projections become row ranges (dim 0): `*_attn.qkv` -> q, k, v of D rows
+    each; single blocks' `linear1` -> q, k, v (D rows each) and the MLP input (the remaining rows). The final
+    layer's AdaLN is stored (shift, scale) by BFL and (scale, shift) by diffusers, so its halves are swapped.
+    Checkpoint keys outside the FLUX.1 layout get no entry (the loader reports them).
+    """
+    width = int(shapes["img_in.weight"][0])
+    suffixes = ("weight", "bias")
+    sources: dict[str, TensorSource] = {}
+
+    def whole(bfl: str, diffusers_name: str) -> None:
+        for suffix in suffixes:
+            if f"{bfl}.{suffix}" in shapes:
+                sources[f"{diffusers_name}.{suffix}"] = TensorSource(f"{bfl}.{suffix}")
+
+    def rows(bfl: str, diffusers_names: Sequence[str], sizes: Sequence[int]) -> None:
+        for suffix in suffixes:
+            if f"{bfl}.{suffix}" not in shapes:
+                continue
+            start = 0
+            for name, size in zip(diffusers_names, sizes):
+                sources[f"{name}.{suffix}"] = TensorSource(f"{bfl}.{suffix}", start, start + size)
+                start += size
+
+    for bfl, name in _BFL_EMBEDDERS.items():
+        whole(bfl, name)
+    for suffix in suffixes:
+        if f"final_layer.adaLN_modulation.1.{suffix}" in shapes:
+            sources[f"norm_out.linear.{suffix}"] = TensorSource(f"final_layer.adaLN_modulation.1.{suffix}", swap_halves=True)
+
+    for i in _block_indices(shapes, "double_blocks"):
+        bfl_block, block = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for bfl, name in _BFL_DOUBLE_BLOCK.items():
+            whole(f"{bfl_block}.{bfl}", f"{block}.{name}")
+        for bfl, names in _BFL_DOUBLE_QKV.items():
+            rows(f"{bfl_block}.{bfl}", [f"{block}.{n}" for n in names], [width] * 3)
+        for bfl, name in _BFL_DOUBLE_QK_NORMS.items():
+            if f"{bfl_block}.{bfl}" in shapes:
+                sources[f"{block}.{name}"] = TensorSource(f"{bfl_block}.{bfl}")
+
+    for i in _block_indices(shapes, "single_blocks"):
+        bfl_block, block = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        for bfl, name in _BFL_SINGLE_BLOCK.items():
+            whole(f"{bfl_block}.{bfl}", f"{block}.{name}")
+        linear1 = shapes.get(f"{bfl_block}.linear1.weight")
+        if linear1 is not None:
+            mlp_width = int(linear1[0]) - 3 * width
+            rows(f"{bfl_block}.linear1", [f"{block}.attn.to_q", f"{block}.attn.to_k", f"{block}.attn.to_v", f"{block}.proj_mlp"],
+                 [width, width, width, mlp_width])
+        for bfl, name in _BFL_SINGLE_QK_NORMS.items():
+            if f"{bfl_block}.{bfl}" in shapes:
+                sources[f"{block}.{name}"] = TensorSource(f"{bfl_block}.{bfl}")
+    return sources
+
+
+def convert_bfl_flux_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole BFL-layout FLUX.1 state dict converted to `FluxTransformer2DModel` keys (any width).
+
+    A `model.diffusion_model.` prefix is stripped first. Shapes are those of the diffusers modules, e.g. the
+    fused qkv (3D, D) becomes three (D, D) tensors.
+    """
+    prefix = "model.diffusion_model."
+    state = {key.removeprefix(prefix): tensor for key, tensor in state_dict.items()}
+    key_map = bfl_flux_key_map({key: tuple(tensor.shape) for key, tensor in state.items()})
+    return {name: source.take(state[source.key]) for name, source in key_map.items()}
+
+
+def _block_indices(shapes: Mapping[str, Sequence[int]], stage: str) -> list[int]:
+    """Sorted block numbers N present as `{stage}.N.` in the checkpoint keys."""
+    return sorted({int(key.split(".")[1]) for key in shapes if key.startswith(f"{stage}.")})
