@@ -17,9 +17,14 @@ META = json.loads((FLUX_TINY / "flux_tiny_case.json").read_text())
 TOLERANCE = 1e-5
 
 
-def extract(fx: DiTFeaturizer, block: int, discard):
+def extract_with(fx: DiTFeaturizer, block: int, discard, **options):
     return fx.from_latents(CASE["latents"], CASE["noise"], prompt_embeds=CASE["txt"], pooled_prompt_embeds=CASE["pooled"],
-                           t=META["t"] * 1000, block=block, guidance=META["guidance"], discard=discard, return_parts=True)
+                           t=META["t"] * 1000, block=block, guidance=META["guidance"], discard=discard, return_parts=True,
+                           **options)
+
+
+def extract(fx: DiTFeaturizer, block: int, discard):
+    return extract_with(fx, block, discard)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +86,9 @@ def test_max_batch_does_not_change_the_result(featurizer):
                                             pooled_prompt_embeds=CASE["pooled"], t=META["t"] * 1000, block=block,
                                             guidance=META["guidance"], max_batch=1)
     assert (one_at_a_time.features - CASE[f"k{block}_ditf"]).abs().max() <= TOLERANCE
+
+
+def test_auto_detection_threshold_is_configurable(featurizer):
+    block = META["blocks"][-1]
+    strict = extract_with(featurizer, block, "auto", massive_ratio=1e6)
+    assert strict.discarded == [] and (strict.features - CASE[f"k{block}_ditf"]).abs().max() <= TOLERANCE

@@ -15,16 +15,17 @@ from tqdm.auto import tqdm
 
 from ditf.arch import ArchSpec, Conditioning, arch_for
 from ditf.errors import InvalidArgumentError
-from ditf.features.postprocess import check_channels, detect_massive_channels, ditf_features
+from ditf.features.postprocess import check_channels, ditf_features
 from ditf.features.preprocess import ImageInput, prepare_image
+from ditf.massive.detect import detect_ratio
 from ditf.registry import Preset
 from ditf.taps import run_until, tap_block
 
 Discard = Literal["auto"] | Sequence[int] | None
 VaeSample = Literal["per_member", "shared", "mode"]
 MASSIVE_RATIO = 100.0
-"""`discard="auto"` without known channels: a channel is massive when its median |z| over tokens is
-at least this many times the median over channels."""
+"""Default of `massive_ratio`: with `discard="auto"` and no verified preset channels, a channel is massive
+when its median |z| over tokens is at least this many times the median over channels."""
 
 
 @dataclass
@@ -170,7 +171,7 @@ class DiTFeaturizer:
                  modulate: bool = True, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, guidance: float | None = None,
                  max_batch: int | None = None, vae_sample: VaeSample = "per_member", progress: bool = True,
-                 **conditioning: Any) -> torch.Tensor | list[torch.Tensor]:
+                 massive_ratio: float = MASSIVE_RATIO, **conditioning: Any) -> torch.Tensor | list[torch.Tensor]:
         """DiTF features of each image: a (B, C, h, w) fp32 tensor on the CPU.
 
         Images are resized with the long side to `resolution` (sides rounded to the stride) or to `size`
@@ -203,7 +204,8 @@ class DiTFeaturizer:
                 latents = self.arch.encode_images(pixels, draws, rng)
             noise = torch.randn((ensemble, *latents.shape[1:]), generator=rng, dtype=torch.float32)
             result = self.from_latents(latents, noise, t=t, block=block, guidance=guidance, discard=discard,
-                                       normalize=normalize, modulate=modulate, max_batch=max_batch, _cond=cond)
+                                       normalize=normalize, modulate=modulate, max_batch=max_batch,
+                                       massive_ratio=massive_ratio, _cond=cond)
             results.append(result.features)
         if len({tuple(r.shape) for r in results}) > 1:
             return results
@@ -215,13 +217,14 @@ class DiTFeaturizer:
                      guidance: float | None = None, discard: Discard = None, return_parts: bool = False,
                      normalize: bool = True, modulate: bool = True, ensemble: int | None = None,
                      generator: torch.Generator | None = None, max_batch: int | None = None,
-                     _cond: Conditioning | None = None, **conditioning: Any) -> FeatureResult:
+                     massive_ratio: float = MASSIVE_RATIO, _cond: Conditioning | None = None,
+                     **conditioning: Any) -> FeatureResult:
         """DiTF features from clean, normalised latents (1 or E, c, H, W) and noise (E, c, H, W).
 
         Without `noise`, `ensemble` (default: preset) draws come from `generator` (CPU). The transformer
         runs only up to block `block`, batched `max_batch` ensemble members at a time (default: all).
-        `discard` is "auto" (the preset's verified channels, else detected from this image's block input),
-        a channel list, or None.
+        `discard` is "auto" (the preset's verified channels, else the channels of this image's block input
+        whose median |z| is at least `massive_ratio` times the channel median), a channel list, or None.
         """
         t = self._check_t(self._default("t", t))
         block = self._default("block", block)
@@ -257,7 +260,7 @@ class DiTFeaturizer:
         raw_tokens = total / ensemble
         h, w = self.arch.token_grid(tuple(latents.shape[-2:]))
         shift, scale, gate = (v[0].float() if v.ndim == 2 else v.float().mean(0) for v in (parts.shift, parts.scale, parts.gate))
-        channels = self._discard_channels(discard, raw_tokens)
+        channels = self._discard_channels(discard, raw_tokens, massive_ratio)
         feats = ditf_features(raw_tokens, shift.to(raw_tokens.device), scale.to(raw_tokens.device), channels,
                               normalize=normalize, modulate=modulate)
         result = FeatureResult(_to_map(feats, h, w), block=ref.index, t=t, discarded=channels)
@@ -267,7 +270,7 @@ class DiTFeaturizer:
         return result
 
     # ------------------------------------------------------------ helpers
-    def _discard_channels(self, discard: Discard, raw_tokens: torch.Tensor) -> list[int]:
+    def _discard_channels(self, discard: Discard, raw_tokens: torch.Tensor, massive_ratio: float) -> list[int]:
         width = raw_tokens.shape[-1]
         if discard is None:
             return []
@@ -277,7 +280,7 @@ class DiTFeaturizer:
             known = self.preset.massive if self.preset is not None else None
             if known is not None and known.verified and max(known.channels) < width:
                 return list(known.channels)
-            return detect_massive_channels(raw_tokens, MASSIVE_RATIO)
+            return detect_ratio(raw_tokens, threshold=massive_ratio)
         return check_channels(list(discard), width)
 
     def _default(self, name: str, value: Any) -> Any:

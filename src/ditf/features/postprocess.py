@@ -56,16 +56,6 @@ def ditf_features(raw: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, d
     return x
 
 
-def detect_massive_channels(x: torch.Tensor, ratio: float = 100.0) -> list[int]:
-    """Channels whose median |x| over tokens is at least `ratio` times the median of that over channels.
-
-    x is (N, C) (or (..., N, C), flattened over leading axes); returns sorted channel indices.
-    """
-    magnitude = x.float().abs().reshape(-1, x.shape[-1]).median(dim=0).values
-    reference = magnitude.median()
-    return sorted(torch.nonzero(magnitude >= ratio * reference).flatten().tolist())
-
-
 def check_channels(channels: Sequence[int], width: int) -> list[int]:
     """Channel indices as a sorted list of ints; raise when one is not an integer in 0..width-1."""
     bad = [c for c in channels if isinstance(c, bool) or not hasattr(c, "__index__") or not 0 <= int(c) < width]
