@@ -49,7 +49,7 @@ from ditf.massive.stats import (
     step_profile,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "flux_tiny_massive" / "block_inputs.safetensors"
+FIXTURE = Path(__file__).parent / "fixtures" / "flux_tiny" / "flux_tiny_case.safetensors"
 INJECTED = [11, 42]
 
 
