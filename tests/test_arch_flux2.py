@@ -27,15 +27,6 @@ def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).rand(height, width, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["klein", "dev"])
 def variant(request) -> str:
     return request.param

@@ -38,15 +38,6 @@ RESULTS = FIXTURE / "results"
 EXPECTED = json.loads((FIXTURE / "expected_official.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The propagation ops are tiny; on a shared 2-core runner, thread hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ scorer vs toolkit
 
 
