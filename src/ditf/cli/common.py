@@ -55,8 +55,10 @@ def featurizer_from_args(args: argparse.Namespace):
                                          offload=args.offload, config=args.config)
 
 
-def feature_settings(args: argparse.Namespace, fx) -> dict[str, Any]:
-    """The DiTF keyword arguments for `fx(...)`, with preset defaults filled in so they can be recorded."""
+def feature_settings(args: argparse.Namespace, fx, resolution: bool = True) -> dict[str, Any]:
+    """The DiTF keyword arguments for `fx(...)`, with preset defaults filled in so they can be recorded.
+
+    `resolution=False` leaves the image size out, for callers that pass `size=` per image."""
     preset = fx.preset
 
     def pick(value: Any, name: str) -> Any:
@@ -66,6 +68,8 @@ def feature_settings(args: argparse.Namespace, fx) -> dict[str, Any]:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} is required: {args.model!r} has no preset.")
         return getattr(preset, name)
 
-    return {"block": pick(args.block, "block"), "t": pick(args.t, "t"), "ensemble": pick(args.ensemble, "ensemble"),
-            "resolution": pick(args.resolution, "resolution"), "prompt": args.prompt,
-            "discard": parse_discard(args.discard), "seed": args.seed, "max_batch": args.max_batch}
+    settings = {"block": pick(args.block, "block"), "t": pick(args.t, "t"), "ensemble": pick(args.ensemble, "ensemble"),
+                "prompt": args.prompt, "discard": parse_discard(args.discard), "seed": args.seed, "max_batch": args.max_batch}
+    if resolution:
+        settings["resolution"] = pick(args.resolution, "resolution")
+    return settings

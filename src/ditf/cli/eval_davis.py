@@ -125,9 +125,7 @@ def build_extract_fn(args: argparse.Namespace) -> tuple[ExtractFn, dict]:
             "use --short-side (and --size-multiple) instead."
         )
     featurizer = featurizer_from_args(args)
-    # `feature_settings` insists on a resolution; DAVIS passes `size` per frame instead, so fill and drop it
-    settings = feature_settings(argparse.Namespace(**{**vars(args), "resolution": args.short_side}), featurizer)
-    settings.pop("resolution")
+    settings = feature_settings(args, featurizer, resolution=False)
 
     def extract(image_path: Path, size: tuple[int, int]) -> torch.Tensor:
         return featurizer([image_path], size=size, progress=False, **settings)[0]
