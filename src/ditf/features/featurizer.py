@@ -64,6 +64,7 @@ class DiTFeaturizer:
         self.preset = preset
         self.text_pipeline = pipeline if pipeline is not None else self._text_pipeline(text_encoders, tokenizers)
         self._prompt_cache: dict[str, Conditioning] = {}
+        self._offload_device: torch.device | None = None
 
     @classmethod
     def from_pretrained(cls, model: str, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
@@ -88,7 +89,7 @@ class DiTFeaturizer:
     @property
     def device(self) -> torch.device:
         """Device the transformer's computations run on."""
-        return getattr(self, "_execution_device", None) or next(self.transformer.parameters()).device
+        return self._offload_device or next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,6 +110,7 @@ class DiTFeaturizer:
         if offload is None:
             for module in modules:
                 module.to(device)
+            self._offload_device = None
         elif offload in ("model", "sequential"):
             from accelerate import cpu_offload, cpu_offload_with_hook
 
@@ -117,7 +119,7 @@ class DiTFeaturizer:
                     cpu_offload(module, execution_device=device)
                 else:
                     cpu_offload_with_hook(module, execution_device=device)
-            self._execution_device = device
+            self._offload_device = device
         else:
             raise InvalidArgumentError(f"offload={offload!r} is not one of None, 'model', 'sequential'.")
         for encoder in self._text_encoders():
@@ -198,7 +200,7 @@ class DiTFeaturizer:
             prepared = prepare_image(image, self.arch.stride, resolution=resolution, size=size, pad_square=pad_square)
             rng = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
             vae_param = next(self.vae.parameters())
-            pixels = prepared.pixels.to(self.device if hasattr(self, "_execution_device") else vae_param.device, vae_param.dtype)
+            pixels = prepared.pixels.to(self._offload_device or vae_param.device, vae_param.dtype)
             with torch.no_grad():
                 draws = {"per_member": ensemble, "shared": 1, "mode": None}[vae_sample]
                 latents = self.arch.encode_images(pixels, draws, rng)
