@@ -16,17 +16,18 @@ from ditf.massive import (
     Record,
     Recording,
     Scale,
+    ScaleOp,
     SetMean,
     Transport,
     Zero,
     intervene,
     parse_channels,
+    parse_op,
     prompt_interpolation,
     record_image_trajectory,
     record_trajectory,
     subject_driven,
 )
-from ditf.massive.interventions import ScaleOp, parse_op
 
 INJECTED = [11, 42]
 SAMPLING = dict(num_inference_steps=2, height=64, width=64, max_sequence_length=8, output_type="pt")

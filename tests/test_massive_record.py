@@ -1,5 +1,7 @@
 """Recording the residual stream during real sampling and in a single forward (tiny FLUX, injected MAs 11 and 42)."""
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -7,8 +9,7 @@ from torch import nn
 
 from ditf.arch import arch_for
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
-from ditf.massive import RatioRule, Record, Zero, detect_table, intervene
-from ditf.massive.interventions import CfgLayout
+from ditf.massive import CfgLayout, RatioRule, Record, Zero, detect_table, intervene
 from tiny_models import FLUX_TINY
 
 INJECTED = [11, 42]
@@ -70,7 +71,7 @@ def test_steps_follow_the_scheduler_and_sequential_cfg_without_negative_prompt_i
     assert session.branches_seen == {"cond"} and session.calls == 2
 
 
-def test_block_output_is_the_next_blocks_input_and_the_last_one_is_found_by_shape(recorded):
+def test_block_output_is_the_next_blocks_input_and_the_last_blocks_is_read_from_what_it_returns(recorded):
     _, everything, _, _ = recorded
     for block in (0, 18, 27):
         assert torch.equal(everything.tensor("output", block, 1), everything.tensor("image", block + 1, 1))
@@ -201,4 +202,24 @@ def test_hooks_are_removed_when_the_body_raises(pipe):
     with pytest.raises(RuntimeError, match="boom"):
         with intervene(pipe, [Record(), Zero(channels=INJECTED)]):
             raise RuntimeError("boom")
+    assert leftover_hooks(pipe.transformer) == []
+
+
+def test_a_block_returning_an_unknown_layout_is_named_when_its_output_is_read(pipe):
+    block = pipe.transformer.single_transformer_blocks[9]
+    stock = block.forward
+
+    @functools.wraps(stock)
+    def image_only(*args, **kwargs):
+        return stock(*args, **kwargs)[1]
+
+    block.forward = image_only
+    try:
+        with pytest.raises(UnsupportedLayoutError, match=r"block 28 \(single_transformer_blocks\.9\) returned a "
+                                                         r"tensor \(1, 16, 64\), but the flux adapter expects a tuple "
+                                                         r"with the image stream at position 1"):
+            with intervene(pipe, [Record(points=("output",), blocks=[28])]):
+                sample(pipe, num_inference_steps=1)
+    finally:
+        del block.forward
     assert leftover_hooks(pipe.transformer) == []

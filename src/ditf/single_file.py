@@ -139,7 +139,7 @@ def detect_layout(shapes: Mapping[str, Sequence[int]], model: nn.Module) -> Chec
     diffusers_markers = [key for key in model.state_dict() if not key.startswith(block_lists)]
     if any(key in stripped for key in diffusers_markers):
         return CheckpointLayout(DIFFUSERS_LAYOUT, prefix, {key: TensorSource(key) for key in stripped})
-    original_key_map = getattr(adapter, "original_key_map", None)
+    original_key_map = adapter.original_key_map
     key_map = original_key_map(stripped) if original_key_map is not None else None
     if key_map is not None:
         return CheckpointLayout(adapter.original_layout, prefix, key_map)

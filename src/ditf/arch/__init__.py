@@ -7,10 +7,10 @@ import pkgutil
 
 from torch import nn
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning
+from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, CfgLayout, Conditioning
 from ditf.errors import UnsupportedLayoutError
 
-__all__ = ["ArchSpec", "BlockInputs", "BlockRef", "Conditioning", "adapters", "arch_for"]
+__all__ = ["ArchSpec", "BlockInputs", "BlockRef", "CfgLayout", "Conditioning", "adapters", "arch_for"]
 
 
 def adapters() -> dict[str, type[ArchSpec]]:

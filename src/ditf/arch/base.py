@@ -5,28 +5,33 @@ transformer. It answers four questions and nothing else is model-specific in dit
 
 1. Where are the blocks? `stages` names the transformer's block lists in execution order; the global
    block index k counts through them (FLUX: 19 double-stream blocks, then the single-stream ones).
-2. What enters block k? `read_block_inputs` turns the block's forward-call arguments into the
-   image-token residual stream z_k (B, N_img, C) and that block's AdaLN (shift, scale, gate).
-   `replace_image_input` writes a changed image stream back (interventions).
+2. What enters and leaves block k? `read_block_inputs` turns the block's forward-call arguments into
+   the image-token residual stream z_k (B, N_img, C), the text stream and that block's AdaLN (shift,
+   scale, gate); `read_block_output` finds the image stream in what the block returns.
+   `replace_image_input` / `replace_text_input` write changed streams back (interventions).
 3. How is an image turned into the model's noisy input? latent normalisation of the VAE, the noise
    convention (flow matching or DDPM), the latent -> token grid geometry.
 4. How is the transformer called? `run` builds the model-specific forward arguments from noisy latents,
-   a timestep in 0..1000 and an encoded prompt.
+   a timestep in 0..1000 and an encoded prompt; `cfg_layouts` says how the family's diffusers pipelines
+   lay out classifier-free guidance over transformer calls.
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
+
+if TYPE_CHECKING:
+    from ditf.single_file import TensorSource
 
 Conditioning = dict[str, Any]
 """An encoded prompt: keyword tensors for the adapter's `run` (e.g. `prompt_embeds`, `pooled_prompt_embeds`)."""
@@ -67,6 +72,40 @@ class BlockInputs:
     gate: torch.Tensor
 
 
+@dataclass(frozen=True)
+class CfgLayout:
+    """How a pipeline lays out classifier-free guidance over transformer calls and batch rows.
+
+    `none`: one call per step, every row is `cond`. `sequential`: one call per branch in `order`
+    (call 0 is `order[0]`, ...); a step with fewer calls simply has fewer branches (no CFG -> only
+    `cond`). `batched`: one call whose batch is split in halves `order[0]`, `order[1]` when CFG is on.
+    Further calls in a step are `extra`.
+    """
+
+    kind: Literal["none", "sequential", "batched"]
+    order: tuple[str, ...] = ("cond", "uncond")
+
+    def rows(self, call: int, batch: int, cfg_active: bool) -> tuple[tuple[str, slice], ...]:
+        """Branch -> batch rows of the `call`-th transformer call of a step with `batch` rows."""
+        everything = slice(0, batch)
+        if self.kind == "none":
+            return (("cond" if call == 0 else "extra", everything),)
+        if self.kind == "sequential":
+            return ((self.order[call] if call < len(self.order) else "extra", everything),)
+        if call > 0:
+            return (("extra", everything),)
+        if not cfg_active:
+            return (("cond", everything),)
+        half = batch // 2
+        return ((self.order[0], slice(0, half)), (self.order[1], slice(half, batch)))
+
+
+SEQUENTIAL_CFG = CfgLayout("sequential")
+"""One transformer call for the conditional prediction, then one for the unconditional one."""
+BATCHED_CFG_UNCOND_FIRST = CfgLayout("batched", ("uncond", "cond"))
+"""One transformer call on the batch [uncond, cond]."""
+
+
 class ArchSpec(ABC):
     """Adapter for one DiT family; instantiate with a loaded diffusers transformer."""
 
@@ -82,6 +121,20 @@ class ArchSpec(ABC):
     """Name of the diffusers pipeline whose `encode_prompt` encodes prompts for this family."""
     noise_convention: ClassVar[str]
     """`flow` (x_t = s * noise + (1 - s) * x0 with s = t / 1000) or `ddpm` (alphas_cumprod)."""
+    cfg_layouts: ClassVar[Mapping[str, CfgLayout]] = {}
+    """Per diffusers pipeline class of this family, how its `__call__` lays out classifier-free guidance."""
+    block_output_image: ClassVar[int | None] = None
+    """Where a block's forward returns the image stream: None when it returns that tensor alone, else its
+    position in the returned tuple (1 for diffusers' `(encoder_hidden_states, hidden_states)`)."""
+    text_stream_param: ClassVar[str | None] = None
+    """The block-forward parameter carrying the text residual stream; None when the family has none (text
+    enters by cross-attention as a fixed context, or not at all)."""
+    original_layout: ClassVar[str | None] = None
+    """Name of the family's original (non-diffusers) single-file checkpoint layout, e.g. Black Forest Labs'
+    FLUX.1; None when ditf reads only diffusers-layout single files of this family."""
+    original_key_map: ClassVar[Callable[[Mapping[str, Sequence[int]]], dict[str, TensorSource] | None] | None] = None
+    """For families with an `original_layout`: checkpoint key -> shape of a file (prefix stripped) in, the
+    `TensorSource` of every diffusers key out, or None when the keys are not in that layout."""
 
     def __init__(self, transformer: nn.Module, vae: nn.Module | None = None):
         self.transformer = transformer
@@ -136,24 +189,77 @@ class ArchSpec(ABC):
                     f"{type(self.transformer).__name__} has no `{stage}`: this diffusers version lays out "
                     f"{self.family} differently from what ditf supports (diffusers>=0.35,<0.43)."
                 )
-            real = [b for b in blocks if not isinstance(b, nn.Identity)]
-            if not real:
-                continue
-            params = tuple(inspect.signature(real[0].forward).parameters)[: len(expected)]
-            if params != expected:
-                raise UnsupportedLayoutError(
-                    f"{type(real[0]).__name__}.forward takes {params}, but the {self.family} adapter expects "
-                    f"{expected}. Install a supported diffusers version (>=0.35,<0.43)."
-                )
+            for local_index, block in enumerate(blocks):
+                if isinstance(block, nn.Identity):
+                    continue
+                params = tuple(inspect.signature(block.forward).parameters)[: len(expected)]
+                if params != expected:
+                    raise UnsupportedLayoutError(
+                        f"{type(block).__name__}.forward takes {params} (at {stage}.{local_index}), but the "
+                        f"{self.family} adapter expects {expected}. Install a supported diffusers version "
+                        "(>=0.35,<0.43)."
+                    )
 
     # ------------------------------------------------------------ block taps
     @abstractmethod
     def read_block_inputs(self, block: BlockRef, args: tuple, kwargs: dict) -> BlockInputs:
         """Split block k's forward-call arguments into image stream, text stream and AdaLN vectors."""
 
-    @abstractmethod
     def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        """Return forward-call arguments of `block` with its image stream (B, N_img, C) replaced."""
+        """Return forward-call arguments of `block` with its image stream (B, N_img, C) replaced.
+
+        Default: the block's `hidden_states` argument, positional or keyword, as it came.
+        """
+        return self._replace_argument(block, args, kwargs, "hidden_states", image)
+
+    def replace_text_input(self, block: BlockRef, args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
+        """Return forward-call arguments of `block` with its text stream (B, N_txt, C) replaced.
+
+        Default: the `text_stream_param` argument; families without a text stream raise.
+        """
+        if self.text_stream_param is None:
+            raise UnsupportedLayoutError(
+                f"block {block.index} ({block.path}) of this {self.family} model has no text residual stream to write "
+                "back; edit tokens='image' instead."
+            )
+        return self._replace_argument(block, args, kwargs, self.text_stream_param, text)
+
+    def read_block_output(self, block: BlockRef, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        """The image stream (B, N_img, C) leaving `block`, read from its forward's return value `output`.
+
+        `args` / `kwargs` are the call as the block received it. Default: `block_output_image` says where.
+        """
+        position = self.block_output_image
+        if position is None and isinstance(output, torch.Tensor):
+            return output
+        in_tuple = position is not None and isinstance(output, tuple) and len(output) > position
+        image = output[position] if in_tuple else None
+        if isinstance(image, torch.Tensor):
+            return image
+        expected = "a tensor" if position is None else f"a tuple with the image stream at position {position}"
+        raise UnsupportedLayoutError(
+            f"block {block.index} ({block.path}) returned {_describe(output)}, but the {self.family} adapter expects "
+            f"{expected}. Install a supported diffusers version (>=0.35,<0.43)."
+        )
+
+    def _replace_argument(self, block: BlockRef, args: tuple, kwargs: dict, name: str,
+                          value: torch.Tensor) -> tuple[tuple, dict]:
+        """`block`'s call with argument `name` (keyword, or positional per `block_forward_params`) set to `value`."""
+        if name in kwargs:
+            return args, {**kwargs, name: value}
+        params = self.block_forward_params[block.stage]
+        position = params.index(name) if name in params else len(args)
+        if position >= len(args):
+            raise UnsupportedLayoutError(
+                f"block {block.index} ({block.path}) was called without `{name}`, so a changed stream cannot be "
+                f"written back; the {self.family} adapter expects it among {params}."
+            )
+        return (*args[:position], value, *args[position + 1:]), kwargs
+
+    # ------------------------------------------------------------ pipelines
+    def cfg_layout(self, pipeline: Any) -> CfgLayout | None:
+        """How `pipeline` lays out classifier-free guidance, or None for a pipeline class ditf does not know."""
+        return self.cfg_layouts.get(type(pipeline).__name__)
 
     # ------------------------------------------------------- latents, noise
     @property
@@ -250,6 +356,15 @@ class ArchSpec(ABC):
     def unconditional(self) -> Conditioning | None:
         """Conditioning to use when the family has no text encoder (class-conditional DiT), else None."""
         return None
+
+
+def _describe(value: Any) -> str:
+    """A short description of a block's return value for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {tuple(value.shape)}"
+    if isinstance(value, tuple):
+        return "a tuple of (" + ", ".join(_describe(v) for v in value) + ")"
+    return type(value).__name__
 
 
 def expand_batch(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ Blocks: one list, `transformer_blocks` (`BasicTransformerBlock` with `norm_type=
 is the list index: k = 0..27 for DiT-XL/2.
 
 z_k (the DiTF feature tap) is the image-token `hidden_states` (B, N_img, D), the block's first
-positional argument; DiT has no text stream (`BlockInputs.text` is None).
+positional argument, and what it returns; DiT has no text stream (`BlockInputs.text` is None).
 (shift, scale, gate): every block's `norm1` (`AdaLayerNormZero`) owns a timestep + class-label embedding
 `norm1.emb` and computes `norm1.linear(silu(emb(timestep, class_labels)))`, chunked into shift_msa,
 scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp; chunks 0-2 are recomputed here from the block's
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, CfgLayout, Conditioning, expand_batch
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 
 
@@ -46,6 +46,8 @@ class DiTArch(ArchSpec):
     }
     pipeline_class = "DiTPipeline"
     noise_convention = "ddpm"
+    cfg_layouts = {"DiTPipeline": CfgLayout("batched", ("cond", "uncond"))}
+    """`DiTPipeline` runs the batch [class labels, null class] when guidance_scale > 1."""
 
     def check_layout(self) -> None:
         """Also require adaLN-zero blocks whose `norm1` embeds the timestep and class label itself."""
@@ -78,12 +80,6 @@ class DiTArch(ArchSpec):
         emb = norm.emb(kwargs["timestep"], kwargs["class_labels"], hidden_dtype=image.dtype)
         shift, scale, gate = norm.linear(F.silu(emb)).chunk(6, dim=1)[:3]
         return BlockInputs(image, None, shift, scale, gate)
-
-    def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        """The block's call with its `hidden_states` (positional or keyword) replaced by `image` (B, N_img, D)."""
-        if args:
-            return (image, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": image}
 
     # ------------------------------------------------------- latents, noise
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:

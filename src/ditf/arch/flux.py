@@ -8,7 +8,8 @@ passes image and text tokens to single blocks separately, so no slicing is neede
 (shift, scale, gate) is the block's image-stream attention AdaLN: for single blocks
 `norm.linear(silu(temb)).chunk(3)`, for double blocks chunks 0-2 of `norm1.linear(silu(temb)).chunk(6)`
 (shift_msa, scale_msa, gate_msa). The authors' code taps double blocks after attention (norm2); we use
-the block input for every block so that k means the same thing everywhere.
+the block input for every block so that k means the same thing everywhere. Both kinds of block return
+`(encoder_hidden_states, hidden_states)`: the text stream, then the image stream.
 
 Latents: the FLUX VAE (16 channels, x8) normalised as `(z - shift_factor) * scaling_factor`, packed 2x2
 into 64-channel tokens; noise by flow matching with the timestep passed as t / 1000; FLUX.1-dev embeds
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import SEQUENTIAL_CFG, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
 from ditf.single_file import TensorSource
 
 
@@ -38,6 +39,11 @@ class FluxArch(ArchSpec):
     pipeline_class = "FluxPipeline"
     noise_convention = "flow"
     text_limits = {"tokenizer": 77, "tokenizer_2": 512}
+    cfg_layouts = {name: SEQUENTIAL_CFG for name in ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")}
+    """True CFG (`true_cfg_scale` with a negative prompt) calls the transformer for cond, then uncond;
+    FLUX.1-dev without it makes one call per step."""
+    block_output_image = 1
+    text_stream_param = "encoder_hidden_states"
 
     @property
     def patch_size(self) -> int:
@@ -51,9 +57,6 @@ class FluxArch(ArchSpec):
         adaln = block.module.norm1 if block.stage == "transformer_blocks" else block.module.norm
         shift, scale, gate = adaln.linear(F.silu(kwargs["temb"])).chunk(adaln.linear.out_features // self.width, dim=1)[:3]
         return BlockInputs(kwargs["hidden_states"], kwargs["encoder_hidden_states"], shift, scale, gate)
-
-    def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        return args, {**kwargs, "hidden_states": image}
 
     @property
     def width(self) -> int:

@@ -7,8 +7,9 @@ z_k (the DiTF tap) is the image-token residual stream entering block k, (B, h*w,
 as `hidden_states` (text separately). Single blocks get the concatenated `[text, image]` stream as
 `hidden_states` with `encoder_hidden_states=None`, so the adapter slices off the first n_txt tokens,
 where n_txt is the `encoder_hidden_states` length of the model call; it is recorded by a temporary
-pre-hook on the transformer (`forward_context`, entered by `run`). Changed image streams are written back
-into that slice.
+pre-hook on the transformer (`forward_context`, entered by `run` and by `intervene`). Changed image and
+text streams are written back into their slices. Double blocks return `(encoder_hidden_states,
+hidden_states)`; single blocks return the joint `[text, image]` stream, whose image part is their output.
 Modulation is shared by all blocks and computed once per call at model level: double blocks receive
 `temb_mod_img` (6*C: attention then MLP (shift, scale, gate)), single blocks `temb_mod` (3*C); we use the
 attention (first) triple, which the block applies as `(1 + scale) * LayerNorm(z_k) + shift` (eps 1e-6, no
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import SEQUENTIAL_CFG, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
 from ditf.errors import InvalidArgumentError
 
 MAX_PROMPT_TOKENS = 512
@@ -51,6 +52,10 @@ class Flux2Arch(ArchSpec):
         "single_transformer_blocks": ("hidden_states", "encoder_hidden_states", "temb_mod"),
     }
     noise_convention = "flow"
+    cfg_layouts = {name: SEQUENTIAL_CFG for name in ("Flux2Pipeline", "Flux2KleinPipeline")}
+    """klein's CFG calls the transformer for cond, then uncond; dev (guidance-distilled) makes one call per step."""
+    block_output_image = 1
+    text_stream_param = "encoder_hidden_states"
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module | None = None):
         self._text_tokens: int | None = None
@@ -94,28 +99,51 @@ class Flux2Arch(ArchSpec):
         """z_k (B, N, C), the text stream (B, T, C) and the attention (shift, scale, gate), each (B, C)."""
         if block.stage == "transformer_blocks":
             shift, scale, gate = _attention_modulation(kwargs["temb_mod_img"], sets=2)
-            return BlockInputs(kwargs["hidden_states"], kwargs["encoder_hidden_states"], shift, scale, gate)
-        shift, scale, gate = _attention_modulation(kwargs["temb_mod"], sets=1)
-        if kwargs.get("encoder_hidden_states") is not None:
-            return BlockInputs(kwargs["hidden_states"], kwargs["encoder_hidden_states"], shift, scale, gate)
-        n_txt = self._text_length(block)
-        joint = kwargs["hidden_states"]
-        return BlockInputs(joint[:, n_txt:], joint[:, :n_txt], shift, scale, gate)
+        else:
+            shift, scale, gate = _attention_modulation(kwargs["temb_mod"], sets=1)
+        if self._joint_input(block, kwargs):
+            text, image = self._joint_parts(block, kwargs)
+            return BlockInputs(image, text, shift, scale, gate)
+        return BlockInputs(kwargs["hidden_states"], kwargs["encoder_hidden_states"], shift, scale, gate)
 
     def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
         """Block k's call with its image stream (B, N, C) replaced (inside `[text, image]` for single blocks)."""
-        if block.stage == "transformer_blocks" or kwargs.get("encoder_hidden_states") is not None:
-            return args, {**kwargs, "hidden_states": image}
+        if not self._joint_input(block, kwargs):
+            return super().replace_image_input(block, args, kwargs, image)
+        text, _ = self._joint_parts(block, kwargs)
+        return args, {**kwargs, "hidden_states": torch.cat([text, image.to(text)], dim=1)}
+
+    def replace_text_input(self, block: BlockRef, args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
+        """Block k's call with its text stream (B, T, C) replaced (inside `[text, image]` for single blocks)."""
+        if not self._joint_input(block, kwargs):
+            return super().replace_text_input(block, args, kwargs, text)
+        _, image = self._joint_parts(block, kwargs)
+        return args, {**kwargs, "hidden_states": torch.cat([text.to(image), image], dim=1)}
+
+    def read_block_output(self, block: BlockRef, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        """The image stream (B, N, C) leaving block k: the image part of a single block's joint output."""
+        if block.stage == "transformer_blocks" or isinstance(output, tuple):
+            return super().read_block_output(block, args, kwargs, output)
+        text = kwargs.get("encoder_hidden_states")
+        return output[:, (self._text_length(block) if text is None else text.shape[1]):]
+
+    @staticmethod
+    def _joint_input(block: BlockRef, kwargs: dict) -> bool:
+        """True when `block` receives text and image concatenated (single blocks as the model calls them)."""
+        return block.stage == "single_transformer_blocks" and kwargs.get("encoder_hidden_states") is None
+
+    def _joint_parts(self, block: BlockRef, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text (B, T, C), image (B, N, C)): the two slices of a single block's joint `[text, image]` input."""
         joint = kwargs["hidden_states"]
         n_txt = self._text_length(block)
-        return args, {**kwargs, "hidden_states": torch.cat([joint[:, :n_txt], image.to(joint)], dim=1)}
+        return joint[:, :n_txt], joint[:, n_txt:]
 
     def _text_length(self, block: BlockRef) -> int:
         if self._text_tokens is None:
             raise InvalidArgumentError(
                 f"block {block.index} ({block.path}) receives text and image tokens concatenated, and the text "
                 "length of this call is unknown: run the transformer inside `arch.forward_context()` "
-                "(`arch.run` does this)."
+                "(`arch.run` and `intervene` do this)."
             )
         return self._text_tokens
 

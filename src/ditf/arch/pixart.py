@@ -5,7 +5,8 @@ so k is the list index: k = 0..27 for the released XL-2 models.
 
 z_k (the DiTF feature tap) is the image-token `hidden_states` (B, N_img, D), the block's first
 positional argument. PixArt has no text residual stream: T5 tokens enter every block through
-cross-attention as a fixed context (`encoder_hidden_states`), so `BlockInputs.text` is None.
+cross-attention as a fixed context (`encoder_hidden_states`), so `BlockInputs.text` is None; blocks
+return the image stream alone.
 (shift, scale, gate): the model computes one 6 * D vector per image from the timestep
 (`adaln_single`, plus resolution / aspect-ratio embeddings when `use_additional_conditions`, as in
 PixArt-alpha-1024) and passes it to every block as the `timestep` kwarg; each block adds its own learned
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import BATCHED_CFG_UNCOND_FIRST, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 
 T5_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -53,6 +54,7 @@ class PixArtArch(ArchSpec):
     noise_convention = "ddpm"
     text_limits = {"tokenizer": T5_TOKENS["PixArtSigmaPipeline"]}
     """The longer (Sigma) limit: PixArt-alpha's 120 depends on the pipeline, which also warns when it truncates."""
+    cfg_layouts = {name: BATCHED_CFG_UNCOND_FIRST for name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline")}
 
     def check_layout(self) -> None:
         """Also require adaLN-single blocks (a `scale_shift_table` (6, D)) whose `norm1` is DiTF's LayerNorm."""
@@ -90,12 +92,6 @@ class PixArtArch(ArchSpec):
         modulation = kwargs["timestep"]
         rows = block.module.scale_shift_table[None] + modulation.reshape(image.shape[0], 6, -1)
         return BlockInputs(image, None, rows[:, 0], rows[:, 1], rows[:, 2])
-
-    def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        """The block's call with its `hidden_states` (positional or keyword) replaced by `image` (B, N_img, D)."""
-        if args:
-            return (image, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": image}
 
     # ------------------------------------------------------- latents, noise
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Blocks: one list of 60 dual-stream `transformer_blocks`; k is the position in that list.
 
 z_k (the DiTF tap) is the image-token `hidden_states` block k receives, (B, h*w, C): image and text are
-separate streams, so no slicing. (shift, scale, gate) are the first three chunks of the block's own
-`img_mod(temb)` (a SiLU + Linear to 6*C, split into the attention half and the MLP half), which the block
-applies as `(1 + scale) * LayerNorm(z_k) + shift` (eps 1e-6, no affine) before the joint attention.
+separate streams, so no slicing; blocks return `(encoder_hidden_states, hidden_states)`. (shift, scale,
+gate) are the first three chunks of the block's own `img_mod(temb)` (a SiLU + Linear to 6*C, split into
+the attention half and the MLP half), which the block applies as `(1 + scale) * LayerNorm(z_k) + shift`
+(eps 1e-6, no affine) before the joint attention.
 Models with `zero_cond_t` (Qwen-Image-Edit-2511) modulate reference-image tokens with t = 0; then the
 vectors are per token, (B, N, C).
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import SEQUENTIAL_CFG, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
 from ditf.errors import InvalidArgumentError
 
 MAX_PROMPT_TOKENS = 1024
@@ -44,6 +45,10 @@ class QwenImageArch(ArchSpec):
     pipeline_class = "QwenImagePipeline"
     noise_convention = "flow"
     text_limits = {"tokenizer": MAX_PROMPT_TOKENS}
+    cfg_layouts = {name: SEQUENTIAL_CFG for name in ("QwenImagePipeline", "QwenImageImg2ImgPipeline")}
+    """True CFG calls the transformer for cond, then uncond (without a negative prompt: one call)."""
+    block_output_image = 1
+    text_stream_param = "encoder_hidden_states"
 
     # ------------------------------------------------------------ block taps
     def read_block_inputs(self, block: BlockRef, args: tuple, kwargs: dict) -> BlockInputs:
@@ -57,10 +62,6 @@ class QwenImageArch(ArchSpec):
             modulation = torch.where(index[..., None] == 0, noisy[:, None], clean[:, None])
         shift, scale, gate = modulation.chunk(3, dim=-1)
         return BlockInputs(image, kwargs["encoder_hidden_states"], shift, scale, gate)
-
-    def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        """Block k's call with its image stream (B, N, C) replaced."""
-        return args, {**kwargs, "hidden_states": image}
 
     # ------------------------------------------------------- latents, noise
     @property

@@ -9,7 +9,8 @@ There is no AdaLN module to hook: as in PixArt, the model computes one 6*C vecto
 (`time_embed`, an `AdaLayerNormSingle`) shared by all blocks, and block k adds its own
 `scale_shift_table` (6, C): rows 0, 1, 2 of `table + t6.view(B, 6, C)` are (shift, scale, gate) of the
 self-attention, and the block feeds `(1 + scale) * LayerNorm(z_k) + shift` (eps 1e-6, no affine) to it.
-The caption is cross-attention context, not a residual stream, so `BlockInputs.text` is None.
+The caption is cross-attention context, not a residual stream, so `BlockInputs.text` is None; blocks
+return the image stream alone.
 
 Latents: `AutoencoderDC` (32 channels, 32x downsampling) is deterministic: its encoder returns
 `.latent` (no posterior to sample), normalised as `z * scaling_factor` (0.41407 for the released
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import BATCHED_CFG_UNCOND_FIRST, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 
 MAX_PROMPT_TOKENS = 300
@@ -47,6 +48,7 @@ class SanaArch(ArchSpec):
     pipeline_class = "SanaPipeline"
     noise_convention = "flow"
     text_limits = {"tokenizer": MAX_PROMPT_TOKENS}
+    cfg_layouts = {"SanaPipeline": BATCHED_CFG_UNCOND_FIRST}
 
     def check_layout(self) -> None:
         """Refuse Sana-Sprint (guidance-embedded, SCM timesteps) on top of the signature check."""
@@ -65,12 +67,6 @@ class SanaArch(ArchSpec):
         modulation = block.module.scale_shift_table[None] + call["timestep"].reshape(image.shape[0], 6, -1)
         shift, scale, gate = modulation[:, 0], modulation[:, 1], modulation[:, 2]
         return BlockInputs(image, None, shift, scale, gate)
-
-    def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        """Block k's call with its image tokens (B, N, C) replaced (positional or keyword, as it came)."""
-        if args:
-            return (image, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": image}
 
     # ------------------------------------------------------- latents, noise
     @property

@@ -6,7 +6,8 @@ side has no MLP and a continuous AdaLN); its image side is an ordinary block, so
 
 z_k (the DiTF feature tap) is the image-token `hidden_states` (B, N_img, D) the block receives; image
 and text tokens travel in separate streams, so no slicing is needed. The text stream is the block's
-`encoder_hidden_states`.
+`encoder_hidden_states`. Blocks return `(encoder_hidden_states, hidden_states)`; the last block's text
+stream is None.
 (shift, scale, gate) is the image-stream attention AdaLN `norm1`: chunks 0-2 (shift_msa, scale_msa,
 gate_msa) of `norm1.linear(silu(temb))`, which has 6 * D outputs (`AdaLayerNormZero`) or, in SD3.5's
 dual-attention layers (`SD35AdaLayerNormZeroX`), 9 * D with the same first six followed by the second
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import BATCHED_CFG_UNCOND_FIRST, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 
 T5_TOKENS = 256
@@ -45,6 +46,10 @@ class SD3Arch(ArchSpec):
     pipeline_class = "StableDiffusion3Pipeline"
     noise_convention = "flow"
     text_limits = {"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": T5_TOKENS}
+    cfg_layouts = {name: BATCHED_CFG_UNCOND_FIRST
+                   for name in ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")}
+    block_output_image = 1
+    text_stream_param = "encoder_hidden_states"
 
     def check_layout(self) -> None:
         """Also require the image-stream AdaLN of each loaded block to be a known `norm1` (6 or 9 chunks of D)."""
@@ -71,10 +76,6 @@ class SD3Arch(ArchSpec):
         chunks = linear(F.silu(kwargs["temb"])).chunk(linear.out_features // self.width, dim=1)
         shift, scale, gate = chunks[:3]
         return BlockInputs(kwargs["hidden_states"], kwargs["encoder_hidden_states"], shift, scale, gate)
-
-    def replace_image_input(self, block: BlockRef, args: tuple, kwargs: dict, image: torch.Tensor) -> tuple[tuple, dict]:
-        """The block's call with `hidden_states` replaced by `image` (B, N_img, D)."""
-        return args, {**kwargs, "hidden_states": image}
 
     # ------------------------------------------------------- latents, noise
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:

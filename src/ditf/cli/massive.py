@@ -143,7 +143,7 @@ def run_scan(args: argparse.Namespace) -> int:
 def generation_actions(args: argparse.Namespace) -> list[Any]:
     """The disruption and Detail Guidance actions the options describe (errors for options given alone)."""
     from ditf.massive.guidance import DetailGuidance
-    from ditf.massive.interventions import Edit, parse_op
+    from ditf.massive import Edit, parse_op
 
     actions: list[Any] = []
     if args.disrupt:

@@ -7,6 +7,16 @@ DetailGuidance(...)])` hooks any supported diffusers DiT pipeline; `scan` and `g
 high-level entry points behind `ditf massive scan` and `ditf generate`.
 """
 
+from ditf.arch import CfgLayout
+from ditf.massive.actions import Action, CallState, ScopedAction
+from ditf.massive.channels import (
+    AllChannels,
+    ChannelSelector,
+    ControlChannels,
+    DetectedChannels,
+    ExplicitChannels,
+    parse_channels,
+)
 from ditf.massive.clustering import ClusterMasks, cluster_massive_tokens, kmeans, mask_iou, minmax_per_channel
 from ditf.massive.detect import (
     AdalnAlignment,
@@ -31,34 +41,23 @@ from ditf.massive.detect import (
     sun_massive_entries,
     top_k_channels,
 )
-from ditf.massive.generate import GenerationResult, TransportPlan, generate, save_generation
-from ditf.massive.guidance import DetailGuidance
-from ditf.massive.interventions import (
-    Action,
-    AllChannels,
-    CallState,
-    CfgLayout,
-    ChannelSelector,
+from ditf.massive.edits import (
     Clamp,
     ClampOp,
     ConstantOp,
-    ControlChannels,
-    DetectedChannels,
     Edit,
-    ExplicitChannels,
     MeanOp,
     Op,
     Scale,
     ScaleOp,
-    Session,
     SetConstant,
     SetMean,
     Zero,
     ZeroOp,
-    intervene,
-    parse_channels,
     parse_op,
 )
+from ditf.massive.generate import GenerationResult, TransportPlan, generate, save_generation
+from ditf.massive.guidance import DetailGuidance
 from ditf.massive.plots import (
     plot_activation_surface,
     plot_channel_maps,
@@ -79,6 +78,8 @@ from ditf.massive.report import (
     write_scan_report,
 )
 from ditf.massive.scan import DEFAULT_RULES, ScanResult, scan
+from ditf.massive.scopes import BRANCHES, Steps
+from ditf.massive.session import Session, intervene
 from ditf.massive.stats import (
     STATISTICS,
     ChannelStats,
@@ -112,9 +113,10 @@ __all__ = [
     "plot_jaccard_matrix", "plot_step_profile", "ScanReport", "build_scan_report", "load_stats_table",
     "render_markdown", "save_stats_table", "write_scan_figures", "write_scan_report",
     # hooks and interventions
-    "Action", "AllChannels", "CallState", "CfgLayout", "ChannelSelector", "Clamp", "ClampOp", "ConstantOp",
-    "ControlChannels", "DetectedChannels", "Edit", "ExplicitChannels", "MeanOp", "Op", "Scale", "ScaleOp",
-    "Session", "SetConstant", "SetMean", "Zero", "ZeroOp", "intervene", "parse_channels", "parse_op",
+    "Action", "AllChannels", "BRANCHES", "CallState", "CfgLayout", "ChannelSelector", "Clamp", "ClampOp",
+    "ConstantOp", "ControlChannels", "DetectedChannels", "Edit", "ExplicitChannels", "MeanOp", "Op", "Scale",
+    "ScaleOp", "ScopedAction", "Session", "SetConstant", "SetMean", "Steps", "Zero", "ZeroOp", "intervene",
+    "parse_channels", "parse_op",
     "POINTS", "Record", "Recording", "DetailGuidance", "Transport", "TransportResult", "pipeline_schedule",
     "prompt_interpolation", "record_image_trajectory", "record_trajectory", "subject_driven",
     # high level

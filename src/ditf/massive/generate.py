@@ -18,8 +18,11 @@ from PIL import Image
 
 from ditf.errors import InvalidArgumentError
 from ditf.io import atomic_path
-from ditf.massive.interventions import Action, BlockSpec, ChannelSpec, StepSpec, intervene
+from ditf.massive.actions import Action
+from ditf.massive.channels import ChannelSpec
 from ditf.massive.report import write_json_atomic
+from ditf.massive.scopes import BlockSpec, StepSpec
+from ditf.massive.session import intervene
 from ditf.massive.transport import Spatial, Transport, record_trajectory, seeded
 
 

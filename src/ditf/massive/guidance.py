@@ -26,7 +26,11 @@ from typing import Any
 import torch
 
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
-from ditf.massive.interventions import Action, ChannelSpec, Edit, Op, ScopedAction, Session, StepSpec, parse_op
+from ditf.massive.actions import Action, ScopedAction
+from ditf.massive.channels import ChannelSpec
+from ditf.massive.edits import Edit, Op, parse_op
+from ditf.massive.scopes import StepSpec
+from ditf.massive.session import Session
 
 
 class DetailGuidance(ScopedAction):

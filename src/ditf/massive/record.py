@@ -3,9 +3,8 @@
 Hook points per block k (global index, see `ArchSpec.blocks`):
 - `image`: the image-token residual stream entering block k, (B, N_img, C);
 - `text`: the text-token stream entering block k, (B, N_txt, C) (blocks with a text stream only);
-- `output`: the image stream leaving block k, taken as block k+1's input (exact for the stock
-  diffusers DiTs, where nothing runs between blocks; a ControlNet residual would sit in between) and,
-  for the last block, from its outputs by shape;
+- `output`: the image stream leaving block k, read from what the block returns (the adapter's
+  `read_block_output`; a ControlNet residual added between blocks is not part of it);
 - `shift`, `scale`, `gate`: block k's image-stream AdaLN vectors, (B, C) or (B, N_img, C).
 
 Streams are reduced on the fly to per-channel statistics (`ChannelStats`, one per block, step and
@@ -22,7 +21,9 @@ from typing import Any
 import torch
 
 from ditf.errors import InvalidArgumentError
-from ditf.massive.interventions import BlockCall, BlockSpec, CallState, ScopedAction, Session, StepSpec, format_indices
+from ditf.massive.actions import BlockCall, CallState, ScopedAction
+from ditf.massive.scopes import BlockSpec, StepSpec, format_indices
+from ditf.massive.session import Session
 from ditf.massive.stats import ChannelStats, StatsTable, channel_stats
 
 STREAM_POINTS: tuple[str, ...] = ("image", "text", "output")

@@ -31,11 +31,12 @@ from ditf.massive import plots
 from ditf.massive.clustering import cluster_massive_tokens
 from ditf.massive.detect import DetectionRule, RatioRule, SunRule, detect_table, top_k_channels
 from ditf.massive.generate import pipeline_settings, progress_bars, save_image_atomic
-from ditf.massive.interventions import BRANCHES, BlockSpec, StepSpec, intervene, resolve_blocks
 from ditf.massive.record import Record, Recording
 from ditf.massive.report import ScanReport, build_scan_report, save_stats_table, write_scan_figures, write_scan_report
+from ditf.massive.scopes import BRANCHES, BlockSpec, StepSpec, resolve_blocks
+from ditf.massive.session import intervene
 from ditf.massive.stats import Cell
-from ditf.massive.transport import seeded
+from ditf.massive.transport import image_latents_and_noise, seeded
 from ditf.registry import Preset
 
 DEFAULT_RULES: tuple[DetectionRule, ...] = (RatioRule(), SunRule())
@@ -121,7 +122,6 @@ def _run_image(pipe: Any, arch: Any, records: list[Record], *, image: Any, t: fl
                resolution: int | None, guidance: float | None,
                preset: Preset | None) -> tuple[Image.Image, tuple[int, int], dict[str, Any]]:
     from ditf.features.featurizer import DiTFeaturizer
-    from ditf.features.preprocess import prepare_image
 
     if getattr(pipe, "vae", None) is None:
         raise InvalidArgumentError("an image scan needs the model's VAE: load a full diffusers pipeline folder or hub id.")
@@ -135,13 +135,8 @@ def _run_image(pipe: Any, arch: Any, records: list[Record], *, image: Any, t: fl
     if guidance is None and preset is not None:
         guidance = preset.guidance
     featurizer = DiTFeaturizer(pipe.transformer, pipe.vae, pipeline=pipe, preset=preset)
-    prepared = prepare_image(image, arch.stride, resolution=resolution)
-    vae_param = next(pipe.vae.parameters())
-    generator = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        latents = arch.encode_images(prepared.pixels.to(vae_param.device, vae_param.dtype), None, generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    noisy = arch.noise_latents(latents.float(), noise.to(latents.device), t).to(featurizer.dtype)
+    prepared, latents, noise = image_latents_and_noise(featurizer, image, seed, resolution=resolution)
+    noisy = arch.noise_latents(latents.float(), noise, t).to(featurizer.dtype)
     cond = featurizer.encode_prompt(prompt)
     with intervene(pipe.transformer, records) as session, torch.no_grad(), session.at_step(0, t=t, total_steps=1):
         arch.run(noisy, t, cond, guidance)

@@ -24,21 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ditf.errors import InvalidArgumentError
+from ditf.massive.actions import BlockCall, CallState, ScopedAction
+from ditf.massive.channels import AllChannels, ChannelSpec, parse_channels
 from ditf.massive.clustering import cluster_massive_tokens
-from ditf.massive.interventions import (
-    AllChannels,
-    BlockCall,
-    BlockSpec,
-    CallState,
-    ChannelSpec,
-    ScopedAction,
-    Session,
-    StepSpec,
-    Steps,
-    intervene,
-    parse_channels,
-)
 from ditf.massive.record import Record, Recording
+from ditf.massive.scopes import BlockSpec, Steps, StepSpec
+from ditf.massive.session import Session, intervene
 
 SOURCE_BRANCH = {"detail": "cond"}
 """Target branch -> source branch read for it: Detail Guidance's extra prediction is a variant of the
@@ -207,6 +198,25 @@ def pipeline_schedule(pipe: Any, prompt: str, *, seed: int = 0, **pipe_kwargs: A
     return output, [session.timesteps[step] for step in sorted(session.timesteps)]
 
 
+def image_latents_and_noise(featurizer: Any, image: Any, seed: int,
+                            **prepare: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(the prepared image, its VAE latents (1, c, h, w) (posterior mode), one noise draw of that shape, fp32).
+
+    The noise comes from a CPU generator seeded with `seed`; `prepare` goes to `prepare_image`
+    (`resolution=` or `size=`). `featurizer` is a `DiTFeaturizer` with a VAE.
+    """
+    from ditf.features.preprocess import prepare_image
+
+    arch = featurizer.arch
+    prepared = prepare_image(image, arch.stride, **prepare)
+    vae_param = next(featurizer.vae.parameters())
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        latents = arch.encode_images(prepared.pixels.to(vae_param.device, vae_param.dtype), None, generator)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    return prepared, latents, noise.to(latents.device)
+
+
 def record_image_trajectory(pipe: Any, image: Any, timesteps: Sequence[float], *, blocks: BlockSpec,
                             steps: StepSpec = "all", size: tuple[int, int], source_prompt: str = "", seed: int = 0,
                             guidance: float | None = None, progress: bool = True) -> Recording:
@@ -218,16 +228,10 @@ def record_image_trajectory(pipe: Any, image: Any, timesteps: Sequence[float], *
     size: (height, width) in pixels, the target's image size.
     """
     from ditf.features.featurizer import DiTFeaturizer
-    from ditf.features.preprocess import prepare_image
 
     featurizer = DiTFeaturizer(pipe.transformer, pipe.vae, pipeline=pipe)
     arch = featurizer.arch
-    prepared = prepare_image(image, arch.stride, size=size)
-    vae_param = next(featurizer.vae.parameters())
-    generator = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        latents = arch.encode_images(prepared.pixels.to(vae_param.device, vae_param.dtype), None, generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    _, latents, noise = image_latents_and_noise(featurizer, image, seed, size=size)
     cond = featurizer.encode_prompt(source_prompt)
     wanted = Steps.parse(steps)
     record = Record(points=("image",), blocks=blocks, steps=steps, branch="cond", full=True, stats=False)
@@ -235,7 +239,7 @@ def record_image_trajectory(pipe: Any, image: Any, timesteps: Sequence[float], *
         for step, t in enumerate(tqdm(list(timesteps), desc="reference trajectory", unit="step", disable=not progress)):
             if not wanted.contains(step, len(timesteps)):
                 continue
-            noisy = arch.noise_latents(latents.float(), noise.to(latents.device), float(t)).to(featurizer.dtype)
+            noisy = arch.noise_latents(latents.float(), noise, float(t)).to(featurizer.dtype)
             with session.at_step(step, t=float(t), total_steps=len(timesteps)):
                 arch.run(noisy, float(t), cond, guidance)
     record.recording.meta.update(time_units="scheduler", source={"kind": "image", "prompt": source_prompt, "seed": seed})
@@ -296,6 +300,6 @@ def subject_driven(pipe: Any, prompt: str, reference_image: Any, *, blocks: Bloc
 
 
 __all__ = [
-    "Transport", "TransportResult", "pipeline_schedule", "prompt_interpolation", "record_image_trajectory",
-    "record_trajectory", "seeded", "subject_driven",
+    "Transport", "TransportResult", "image_latents_and_noise", "pipeline_schedule", "prompt_interpolation",
+    "record_image_trajectory", "record_trajectory", "seeded", "subject_driven",
 ]

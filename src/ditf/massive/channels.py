@@ -1,0 +1,171 @@
+"""Channel selectors: which channels of a block call's activations an action changes.
+
+A selector is resolved per block call on that call's own activations x (B, N, C), so 'auto' finds each
+block's (and step's, and branch's) massive channels in the very stream being changed, and control sets
+are sized like them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ditf.errors import InvalidArgumentError
+from ditf.massive.detect import (
+    DetectionRule,
+    RatioRule,
+    SunRule,
+    TopKRule,
+    bottom_k_channels,
+    magnitude_matched_channels,
+    random_k_channels,
+)
+from ditf.massive.scopes import parse_indices
+from ditf.massive.stats import channel_stats, check_channels
+
+
+class ChannelSelector(ABC):
+    """Picks channels from the activations x (B, N, C) of one block call (per block and step)."""
+
+    @abstractmethod
+    def select(self, x: torch.Tensor) -> list[int]:
+        """Sorted channel indices for activations x (B, N, C)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The selector's rule and parameters, JSON-able."""
+
+
+@dataclass(frozen=True)
+class ExplicitChannels(ChannelSelector):
+    """A fixed list of channels (checked against the model's width when first used)."""
+
+    channels: tuple[int, ...]
+
+    def select(self, x: torch.Tensor) -> list[int]:
+        return sorted(check_channels(self.channels, x.shape[-1]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"selector": "explicit", "channels": list(self.channels)}
+
+
+@dataclass(frozen=True)
+class DetectedChannels(ChannelSelector):
+    """Massive channels detected on the fly in the very activations being changed (per block, step, branch).
+
+    `rule` is a `ditf.massive.detect` rule; the default `RatioRule(100)` flags channels whose median
+    |x| over tokens is >= 100x the median over channels (DiTF style); `TopKRule(k)` is Turri et al.'s.
+    """
+
+    rule: DetectionRule = field(default_factory=RatioRule)
+
+    def select(self, x: torch.Tensor) -> list[int]:
+        return self.rule.detect(channel_stats(x))
+
+    def describe(self) -> dict[str, Any]:
+        return {"selector": "detected", **self.rule.describe()}
+
+
+@dataclass(frozen=True)
+class ControlChannels(ChannelSelector):
+    """A control set for a comparison: `bottom`-k, `random`-k or `matched` (magnitude-matched) channels.
+
+    Its size is `k`, or (k=None) the size of the set `like` selects in the same activations, so each
+    control is "an equally-sized set" (Turri et al.). `statistic` ranks channels for bottom-k and
+    matching (mean |x| over tokens by default). `matched` picks, for every channel of `like`'s set,
+    the unused channel with the nearest log-magnitude (the DG reviewers' magnitude-matched control;
+    massive channels are outliers, so the match is the closest available, not equal).
+    """
+
+    kind: Literal["bottom", "random", "matched"]
+    k: int | None = None
+    like: ChannelSelector = field(default_factory=DetectedChannels)
+    statistic: str = "mean_abs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("bottom", "random", "matched"):
+            raise InvalidArgumentError(f"control kind={self.kind!r}; valid: 'bottom', 'random', 'matched'.")
+        if self.kind == "matched" and self.k is not None:
+            raise InvalidArgumentError("a magnitude-matched control takes its size from `like`; leave k=None.")
+
+    def select(self, x: torch.Tensor) -> list[int]:
+        reference = self.like.select(x)
+        stats = channel_stats(x)
+        if self.kind == "matched":
+            return magnitude_matched_channels(stats.statistic(self.statistic), reference, seed=self.seed)
+        k = len(reference) if self.k is None else self.k
+        if self.kind == "bottom":
+            return bottom_k_channels(stats.statistic(self.statistic), k, exclude=reference)
+        return random_k_channels(x.shape[-1], k, seed=self.seed, exclude=reference)
+
+    def describe(self) -> dict[str, Any]:
+        return {"selector": self.kind, "k": self.k, "like": self.like.describe(), "statistic": self.statistic, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class AllChannels(ChannelSelector):
+    """Every channel."""
+
+    def select(self, x: torch.Tensor) -> list[int]:
+        return list(range(x.shape[-1]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"selector": "all"}
+
+
+ChannelSpec = ChannelSelector | str | Iterable[int]
+"""A selector, a list of channel indices, or a string for `parse_channels`."""
+
+
+def parse_channels(spec: ChannelSpec) -> ChannelSelector:
+    """Turn a channel spec into a selector.
+
+    Strings: 'auto' (ratio rule, threshold 100), 'sun' (Sun et al., |x| > 100 and >= 1000x median),
+    'top:K' (Turri et al.'s top-k by |mean x|), 'bottom' / 'bottom:K', 'random' / 'random:K',
+    'matched' (controls sized like 'auto'), 'all', or channel numbers '11,42'.
+    """
+    if isinstance(spec, ChannelSelector):
+        return spec
+    if not isinstance(spec, str):
+        values = list(spec)
+        if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in values):
+            raise InvalidArgumentError(f"channels={values!r} must be integer channel indices.")
+        return ExplicitChannels(tuple(int(v) for v in values))
+    text = spec.strip()
+    name, _, argument = text.partition(":")
+    k = None
+    if argument:
+        try:
+            k = int(argument)
+        except ValueError as err:
+            raise InvalidArgumentError(f"channels={spec!r}: the part after ':' must be a channel count k.") from err
+    if name == "auto" and not argument:
+        return DetectedChannels()
+    if name == "sun" and not argument:
+        return DetectedChannels(SunRule())
+    if name == "all" and not argument:
+        return AllChannels()
+    if name == "top" and k is not None:
+        return DetectedChannels(TopKRule(k))
+    if name in ("bottom", "random"):
+        return ControlChannels(name, k)
+    if name == "matched" and not argument:
+        return ControlChannels("matched")
+    try:
+        return ExplicitChannels(tuple(parse_indices(text, "channels")))
+    except InvalidArgumentError as err:
+        raise InvalidArgumentError(
+            f"channels={spec!r} is not a channel spec; use 'auto', 'sun', 'top:K', 'bottom[:K]', 'random[:K]', "
+            "'matched', 'all' or channel numbers such as '11,42'."
+        ) from err
+
+
+__all__ = [
+    "AllChannels", "ChannelSelector", "ChannelSpec", "ControlChannels", "DetectedChannels", "ExplicitChannels",
+    "parse_channels",
+]
