@@ -46,12 +46,16 @@ def parse_discard(text: str) -> Any:
 
 
 def featurizer_from_args(args: argparse.Namespace):
-    """Load the DiTFeaturizer the options describe (only blocks up to --block when it is given)."""
+    """Load the DiTFeaturizer the options describe, with only the blocks up to --block (or the preset's block)."""
     from ditf import DiTFeaturizer
+
+    from ditf.registry import PRESETS, preset_for_hub_id
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return DiTFeaturizer.from_pretrained(args.model, torch_dtype=dtype, device=device, block=args.block,
+    preset = PRESETS.get(args.model) or preset_for_hub_id(args.model)
+    block = args.block if args.block is not None or preset is None else preset.block
+    return DiTFeaturizer.from_pretrained(args.model, torch_dtype=dtype, device=device, block=block,
                                          offload=args.offload, config=args.config)
 
 
