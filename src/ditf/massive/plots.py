@@ -352,6 +352,10 @@ def plot_cluster_masks(
                 overlay = np.zeros((*mask.shape, 4))
                 overlay[mask > 0] = (0.2, 1.0, 0.2, 0.45)
                 mask_axes.imshow(overlay, extent=extent, interpolation="nearest")
+                cells_y = (np.arange(mask.shape[0]) + 0.5) * height / mask.shape[0]
+                cells_x = (np.arange(mask.shape[1]) + 0.5) * width / mask.shape[1]
+                if 0 < mask.sum() < mask.size:
+                    mask_axes.contour(cells_x, cells_y, mask, levels=[0.5], colors="yellow", linewidths=1.5)
             mask_axes.set_title(f"foreground {100 * result.foreground_fraction:.0f}%")
             _frame_image(heat_axes)
             _frame_image(mask_axes)
