@@ -19,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ditf.cli import massive as massive_cli
     from ditf.cli import smoke as smoke_cli
 
-    parser = argparse.ArgumentParser(prog="ditf", description=__doc__.splitlines()[0])
+    from ditf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ditf", description="Dense features from Diffusion Transformers (DiTF) and massive-activation tools."
+    )
+    parser.add_argument("--version", action="version", version=f"ditf {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     features_cli.register(subparsers)
     eval_cli.register(subparsers)
