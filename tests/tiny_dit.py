@@ -13,6 +13,8 @@ from tiny_models import kl_vae, randomize
 NUM_CLASSES = 10
 """Classes 0..9; index 10 is the null class."""
 NUM_LAYERS = 3
+WIDTH = 16
+"""Residual-stream channels D of the tiny transformer (2 heads of 8)."""
 SAMPLE_SIZE = 8
 """Latent cells per side: the tiny model takes 64x64 px images only."""
 ID2LABEL = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2: "great white shark, white shark"}
@@ -29,7 +31,7 @@ def build_dit_pipeline(folder: Path, *, massive_channels: Sequence[int] = (), ma
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=WIDTH // 2, in_channels=4, out_channels=8,
                                         num_layers=NUM_LAYERS, sample_size=SAMPLE_SIZE, patch_size=2,
                                         num_embeds_ada_norm=NUM_CLASSES)
     randomize(transformer, seed=1)

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from tiny_models import randomize
+from tiny_models import PROMPT, randomize
 from tiny_qwen_image import qwen_tokenizer
 
 WIDTH = 32
@@ -24,7 +24,6 @@ LATENT_CHANNELS = 4 * VAE_CHANNELS
 """Channels of the patchified (2x2) latent = the transformer's in_channels."""
 TEXT_HIDDEN = 16
 """Hidden size of the tiny text encoders; FLUX.2 stacks three of their layers, so joint_attention_dim = 48."""
-PROMPT = "a photo of a cat"
 QWEN3_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"

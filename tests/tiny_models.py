@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ditf.smoke import (  # noqa: F401  (re-exported for the per-family test builders)
     LETTERS as WORDS,
     build_flux_smoke_pipeline,
@@ -20,6 +23,8 @@ from ditf.smoke import (  # noqa: F401  (re-exported for the per-family test bui
     t5_tokenizer,
 )
 
+PROMPT = "a photo of a cat"
+"""The test prompt; the word-level tiny tokenizers (Gemma, Qwen) are built so that each of its words is one token."""
 FIXTURES = Path(__file__).parent / "fixtures"
 FLUX_TINY = FIXTURES / "flux_tiny"
 
@@ -29,3 +34,14 @@ def flux_pipeline(folder: Path) -> Path:
     from diffusers import FluxTransformer2DModel
 
     return build_flux_smoke_pipeline(folder, FluxTransformer2DModel.from_pretrained(FLUX_TINY / "diffusers_transformer"))
+
+
+def latents_and_noise(shape: tuple[int, int, int, int], ensemble: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded standard-normal clean latents `shape` (1, c, H, W) and noise (ensemble, c, H, W), the same every call."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=gen), torch.randn((ensemble, *shape[1:]), generator=gen)
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A seeded random RGB image (height, width, 3) in [0, 1]."""
+    return np.random.RandomState(seed).rand(height, width, 3)

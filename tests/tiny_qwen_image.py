@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import randomize
+from tiny_models import PROMPT, randomize
 from tiny_sana import prefix_merges
 
 WIDTH = 32
@@ -16,7 +16,6 @@ NUM_LAYERS = 3
 LATENT_CHANNELS = 4
 TEXT_HIDDEN = 32
 """Hidden size of the tiny Qwen2.5-VL text model (= the transformer's joint_attention_dim)."""
-PROMPT = "a photo of a cat"
 LATENTS_MEAN = [0.5, -0.25, 1.0, 0.0]
 LATENTS_STD = [2.0, 0.5, 1.5, 1.0]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import randomize
+from tiny_models import PROMPT, randomize
 
 WIDTH = 16
 """Residual-stream channels C of the tiny transformer (2 heads of 8)."""
@@ -17,7 +17,6 @@ NUM_LAYERS = 3
 LATENT_CHANNELS = 8
 CAPTION_CHANNELS = 32
 """Hidden size of the tiny Gemma-2 text encoder."""
-PROMPT = "a photo of a cat"
 
 
 def build_sana_pipeline(folder: Path, *, massive_channels: Sequence[int] = (), massive_value: float = 1000.0) -> Path:

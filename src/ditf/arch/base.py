@@ -150,6 +150,10 @@ class ArchSpec(ABC):
                 refs.append(BlockRef(len(refs), stage, local_index, module))
         return refs
 
+    def loaded_blocks(self) -> list[BlockRef]:
+        """The blocks whose modules were loaded: partial loading (`block=k`) leaves `nn.Identity` after block k."""
+        return [ref for ref in self.blocks() if not isinstance(ref.module, nn.Identity)]
+
     def num_blocks(self) -> int:
         """Number of blocks k can address (the model's real depth, loaded or not)."""
         return len(self.blocks())
@@ -358,6 +362,48 @@ class ArchSpec(ABC):
         return None
 
 
+class PackedLatentsArch(ArchSpec):
+    """Families whose pipeline packs latents 2x2 into tokens before the transformer (FLUX.1, Qwen-Image):
+    the transformer's `in_channels` are 4 latent channels per token, and one token is a 2x2 latent patch."""
+
+    @property
+    def patch_size(self) -> int:
+        """Latent cells per token side: the 2x2 packing (whatever the transformer's `patch_size` config says)."""
+        return 2
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the unpacked VAE latent: a packed token holds 4 latent cells."""
+        return int(self.transformer.config.in_channels) // 4
+
+
+def patchify_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """Fold every 2x2 patch of latents (B, c, H, W) into channels: (B, 4c, H/2, W/2).
+
+    Channel 4 * i + 2 * dy + dx of cell (y, x) is `latents[:, i, 2y + dy, 2x + dx]`, the order of the FLUX
+    pipelines' `_pack_latents` (FLUX.1, Qwen-Image) and of FLUX.2's patchified latent.
+    """
+    batch, channels, height, width = latents.shape
+    patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return patches.reshape(batch, channels * 4, height // 2, width // 2)
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, c, H, W) as row-major tokens (B, H/2 * W/2, 4c) of 2x2 patches (see `patchify_2x2`)."""
+    return patchify_2x2(latents).flatten(2).transpose(1, 2).contiguous()
+
+
+def adaln_single_modulation(table: torch.Tensor, timestep: torch.Tensor,
+                            batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift, scale, gate), each (B, C), of a block's self-attention under adaLN-single (PixArt, Sana).
+
+    The model computes one vector `timestep` (B, 6C) for all blocks; each block adds its own
+    `scale_shift_table` (6, C). Rows 0-2 of the sum are shift_msa, scale_msa, gate_msa.
+    """
+    rows = table[None] + timestep.reshape(batch, 6, -1)
+    return rows[:, 0], rows[:, 1], rows[:, 2]
+
+
 def _describe(value: Any) -> str:
     """A short description of a block's return value for error messages."""
     if isinstance(value, torch.Tensor):
@@ -376,3 +422,12 @@ def expand_batch(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None
             f"a conditioning tensor has batch {tensor.shape[0]}; expected 1 or {batch}. Pass one prompt's embeddings."
         )
     return tensor.expand(batch, *tensor.shape[1:])
+
+
+def text_prompt(prompt: Any, family: str) -> str:
+    """`prompt` as a string for a text-conditioned family; None is the empty prompt, other types are refused."""
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f"prompt={prompt!r}: {family} is conditioned on text; pass a string (\"\" for none).")
+    return prompt

@@ -30,9 +30,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ditf.arch.base import ArchSpec, BlockInputs, BlockRef, CfgLayout, Conditioning, expand_batch
+from ditf.arch.base import (
+    ArchSpec,
+    BlockInputs,
+    BlockRef,
+    CfgLayout,
+    Conditioning,
+    expand_batch,
+)
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 
 
@@ -52,9 +58,7 @@ class DiTArch(ArchSpec):
     def check_layout(self) -> None:
         """Also require adaLN-zero blocks whose `norm1` embeds the timestep and class label itself."""
         super().check_layout()
-        for ref in self.blocks():
-            if isinstance(ref.module, nn.Identity):
-                continue
+        for ref in self.loaded_blocks():
             norm = getattr(ref.module, "norm1", None)
             if getattr(ref.module, "norm_type", None) != "ada_norm_zero" or getattr(norm, "emb", None) is None:
                 raise UnsupportedLayoutError(

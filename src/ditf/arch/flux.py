@@ -24,11 +24,20 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ditf.arch.base import SEQUENTIAL_CFG, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import (
+    SEQUENTIAL_CFG,
+    BlockInputs,
+    BlockRef,
+    Conditioning,
+    PackedLatentsArch,
+    expand_batch,
+    pack_2x2,
+    text_prompt,
+)
 from ditf.single_file import TensorSource
 
 
-class FluxArch(ArchSpec):
+class FluxArch(PackedLatentsArch):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     stages = ("transformer_blocks", "single_transformer_blocks")
@@ -45,14 +54,6 @@ class FluxArch(ArchSpec):
     block_output_image = 1
     text_stream_param = "encoder_hidden_states"
 
-    @property
-    def patch_size(self) -> int:
-        return 2
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels) // 4
-
     def read_block_inputs(self, block: BlockRef, args: tuple, kwargs: dict) -> BlockInputs:
         adaln = block.module.norm1 if block.stage == "transformer_blocks" else block.module.norm
         shift, scale, gate = adaln.linear(F.silu(kwargs["temb"])).chunk(adaln.linear.out_features // self.width, dim=1)[:3]
@@ -67,9 +68,9 @@ class FluxArch(ArchSpec):
         return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
     def run(self, latents: torch.Tensor, t: float, cond: Conditioning, guidance: float | None = None) -> Any:
-        batch, channels, height, width = latents.shape
-        h, w = self.token_grid((height, width))
-        tokens = latents.reshape(batch, channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, h * w, channels * 4)
+        batch = latents.shape[0]
+        h, w = self.token_grid(tuple(latents.shape[-2:]))
+        tokens = pack_2x2(latents)
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3).to(latents)
         prompt_embeds = expand_batch(cond["prompt_embeds"], batch).to(latents)
@@ -93,6 +94,7 @@ class FluxArch(ArchSpec):
         return ("prompt_embeds", "pooled_prompt_embeds")
 
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
+        prompt = text_prompt(prompt, "FLUX")
         prompt_embeds, pooled, _ = pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 

@@ -36,7 +36,16 @@ from typing import Any
 
 import torch
 
-from ditf.arch.base import SEQUENTIAL_CFG, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import (
+    SEQUENTIAL_CFG,
+    ArchSpec,
+    BlockInputs,
+    BlockRef,
+    Conditioning,
+    expand_batch,
+    patchify_2x2,
+    text_prompt,
+)
 from ditf.errors import InvalidArgumentError
 
 MAX_PROMPT_TOKENS = 512
@@ -167,9 +176,7 @@ class Flux2Arch(ArchSpec):
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents (B, c, H, W) -> patchified, batch-norm normalised latents (B, 4c, H/2, W/2)."""
-        batch, channels, height, width = latents.shape
-        patches = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
-        patches = patches.reshape(batch, channels * 4, height // 2, width // 2)
+        patches = patchify_2x2(latents)
         bn = self.vae.bn
         mean = bn.running_mean.view(1, -1, 1, 1).to(patches)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(patches)
@@ -205,8 +212,7 @@ class Flux2Arch(ArchSpec):
     # ------------------------------------------------------------ prompts
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         """Encode `prompt` with the pipeline's own text stack (Mistral3 for dev, Qwen3 for klein): (1, 512, D)."""
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"prompt={prompt!r}: FLUX.2 is text-conditioned; pass a string (\"\" for none).")
+        prompt = text_prompt(prompt, "FLUX.2")
         embeds, _text_ids = pipeline.encode_prompt(prompt=prompt, device=device, max_sequence_length=MAX_PROMPT_TOKENS)
         return {"prompt_embeds": embeds}
 

@@ -32,8 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditf.arch.base import BATCHED_CFG_UNCOND_FIRST, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
-from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
+from ditf.arch.base import (
+    BATCHED_CFG_UNCOND_FIRST,
+    ArchSpec,
+    BlockInputs,
+    BlockRef,
+    Conditioning,
+    adaln_single_modulation,
+    expand_batch,
+    text_prompt,
+)
+from ditf.errors import UnsupportedLayoutError
 
 T5_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 """T5 sequence length each PixArt pipeline pads to by default (PixArt-alpha and PixArt-Sigma papers)."""
@@ -59,9 +68,7 @@ class PixArtArch(ArchSpec):
     def check_layout(self) -> None:
         """Also require adaLN-single blocks (a `scale_shift_table` (6, D)) whose `norm1` is DiTF's LayerNorm."""
         super().check_layout()
-        for ref in self.blocks():
-            if isinstance(ref.module, nn.Identity):
-                continue
+        for ref in self.loaded_blocks():
             table = getattr(ref.module, "scale_shift_table", None)
             norm = getattr(ref.module, "norm1", None)
             adaln_single = getattr(ref.module, "norm_type", None) == "ada_norm_single"
@@ -89,9 +96,8 @@ class PixArtArch(ArchSpec):
         Each of shift, scale, gate is (B, D).
         """
         image = args[0] if args else kwargs["hidden_states"]
-        modulation = kwargs["timestep"]
-        rows = block.module.scale_shift_table[None] + modulation.reshape(image.shape[0], 6, -1)
-        return BlockInputs(image, None, rows[:, 0], rows[:, 1], rows[:, 2])
+        shift, scale, gate = adaln_single_modulation(block.module.scale_shift_table, kwargs["timestep"], image.shape[0])
+        return BlockInputs(image, None, shift, scale, gate)
 
     # ------------------------------------------------------- latents, noise
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -129,12 +135,7 @@ class PixArtArch(ArchSpec):
 
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         """`prompt_embeds` (1, T, caption_channels) and `prompt_attention_mask` (1, T); T = 120 (alpha), 300 (Sigma)."""
-        if prompt is None:
-            prompt = ""
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError(
-                f"prompt={prompt!r}: PixArt is conditioned on text; pass a string (\"\" for the empty prompt)."
-            )
+        prompt = text_prompt(prompt, "PixArt")
         tokens = T5_TOKENS.get(type(pipeline).__name__, T5_TOKENS[self.pipeline_class])
         prompt_embeds, mask, _, _ = pipeline.encode_prompt(
             prompt, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=tokens,

@@ -28,14 +28,23 @@ from typing import Any
 
 import torch
 
-from ditf.arch.base import SEQUENTIAL_CFG, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import (
+    SEQUENTIAL_CFG,
+    BlockInputs,
+    BlockRef,
+    Conditioning,
+    PackedLatentsArch,
+    expand_batch,
+    pack_2x2,
+    text_prompt,
+)
 from ditf.errors import InvalidArgumentError
 
 MAX_PROMPT_TOKENS = 1024
 """`max_sequence_length` QwenImagePipeline encodes prompts with (its default and its maximum)."""
 
 
-class QwenImageArch(ArchSpec):
+class QwenImageArch(PackedLatentsArch):
     family = "qwen-image"
     transformer_classes = ("QwenImageTransformer2DModel",)
     stages = ("transformer_blocks",)
@@ -71,16 +80,6 @@ class QwenImageArch(ArchSpec):
             return 2 ** len(self.vae.config.temperal_downsample)
         return 8
 
-    @property
-    def patch_size(self) -> int:
-        """Latents are packed 2x2 into tokens (the transformer's `patch_size` config is that packing)."""
-        return 2
-
-    @property
-    def latent_channels(self) -> int:
-        """VAE channels: a packed token holds 4 latent cells."""
-        return int(self.transformer.config.in_channels) // 4
-
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents (B, c, H, W) -> `(z - latents_mean) / latents_std` per channel, same shape."""
         config = self.vae.config
@@ -109,9 +108,9 @@ class QwenImageArch(ArchSpec):
 
         `guidance` is required only by guidance-distilled checkpoints (`guidance_embeds=True`).
         """
-        batch, channels, height, width = latents.shape
-        h, w = self.token_grid((height, width))
-        tokens = latents.reshape(batch, channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, h * w, channels * 4)
+        batch = latents.shape[0]
+        h, w = self.token_grid(tuple(latents.shape[-2:]))
+        tokens = pack_2x2(latents)
         mask = cond.get("prompt_embeds_mask")
         guidance_vec = None
         if self.transformer.config.guidance_embeds:
@@ -138,7 +137,6 @@ class QwenImageArch(ArchSpec):
 
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         """Encode `prompt` as `QwenImagePipeline.__call__` does (chat template, prefix dropped)."""
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"prompt={prompt!r}: Qwen-Image is text-conditioned; pass a string (\"\" for none).")
+        prompt = text_prompt(prompt, "Qwen-Image")
         embeds, mask = pipeline.encode_prompt(prompt, device=device, max_sequence_length=MAX_PROMPT_TOKENS)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}

@@ -30,8 +30,17 @@ from typing import Any
 
 import torch
 
-from ditf.arch.base import BATCHED_CFG_UNCOND_FIRST, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
-from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
+from ditf.arch.base import (
+    BATCHED_CFG_UNCOND_FIRST,
+    ArchSpec,
+    BlockInputs,
+    BlockRef,
+    Conditioning,
+    adaln_single_modulation,
+    expand_batch,
+    text_prompt,
+)
+from ditf.errors import UnsupportedLayoutError
 
 MAX_PROMPT_TOKENS = 300
 """`max_sequence_length` SanaPipeline encodes prompts with (its default)."""
@@ -64,8 +73,7 @@ class SanaArch(ArchSpec):
         """z_k (B, N, C) and the self-attention (shift, scale, gate), each (B, C), from block k's call."""
         call = _bind(block, args, kwargs)
         image = call["hidden_states"]
-        modulation = block.module.scale_shift_table[None] + call["timestep"].reshape(image.shape[0], 6, -1)
-        shift, scale, gate = modulation[:, 0], modulation[:, 1], modulation[:, 2]
+        shift, scale, gate = adaln_single_modulation(block.module.scale_shift_table, call["timestep"], image.shape[0])
         return BlockInputs(image, None, shift, scale, gate)
 
     # ------------------------------------------------------- latents, noise
@@ -110,8 +118,7 @@ class SanaArch(ArchSpec):
 
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         """Encode `prompt` as `SanaPipeline.__call__` does: with its complex human instruction, 300 tokens."""
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"prompt={prompt!r}: Sana is text-conditioned; pass a string (\"\" for none).")
+        prompt = text_prompt(prompt, "Sana")
         instruction = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
         embeds, mask, _, _ = pipeline.encode_prompt(
             prompt, do_classifier_free_guidance=False, device=device, complex_human_instruction=instruction,

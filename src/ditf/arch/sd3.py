@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditf.arch.base import BATCHED_CFG_UNCOND_FIRST, ArchSpec, BlockInputs, BlockRef, Conditioning, expand_batch
+from ditf.arch.base import (
+    BATCHED_CFG_UNCOND_FIRST,
+    ArchSpec,
+    BlockInputs,
+    BlockRef,
+    Conditioning,
+    expand_batch,
+    text_prompt,
+)
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 
 T5_TOKENS = 256
@@ -54,9 +62,7 @@ class SD3Arch(ArchSpec):
     def check_layout(self) -> None:
         """Also require the image-stream AdaLN of each loaded block to be a known `norm1` (6 or 9 chunks of D)."""
         super().check_layout()
-        for ref in self.blocks():
-            if isinstance(ref.module, nn.Identity):
-                continue
+        for ref in self.loaded_blocks():
             linear = getattr(getattr(ref.module, "norm1", None), "linear", None)
             if not isinstance(linear, nn.Linear) or linear.out_features not in (6 * self.width, 9 * self.width):
                 raise UnsupportedLayoutError(
@@ -118,20 +124,9 @@ class SD3Arch(ArchSpec):
 
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         """`prompt_embeds` (1, 77 + 256, joint_attention_dim) and `pooled_prompt_embeds` (1, pooled_projection_dim)."""
-        prompt = _text_prompt(prompt, self.family)
+        prompt = text_prompt(prompt, self.family)
         prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=T5_TOKENS,
         )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-
-def _text_prompt(prompt: Any, family: str) -> str:
-    """`prompt` as a string for a text-conditioned family (None is the empty prompt)."""
-    if prompt is None:
-        return ""
-    if not isinstance(prompt, str):
-        raise InvalidArgumentError(
-            f"prompt={prompt!r}: {family} is conditioned on text; pass a string (\"\" for the empty prompt)."
-        )
-    return prompt
