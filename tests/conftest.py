@@ -59,3 +59,13 @@ def tiny_featurizer(tiny_pipeline_dir) -> Callable[[str], DiTFeaturizer]:
 def flux_pipeline_dir(tiny_pipeline_dir) -> Path:
     """A saved tiny FluxPipeline around the flux_tiny fixture transformer (reference weights)."""
     return tiny_pipeline_dir("flux")
+
+
+@pytest.fixture(scope="module")
+def pipe(flux_pipeline_dir):
+    """The tiny FluxPipeline (flux_tiny fixture transformer), progress bars off."""
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(flux_pipeline_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

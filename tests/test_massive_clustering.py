@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from ditf.errors import InvalidArgumentError
-from ditf.massive.clustering import cluster_massive_tokens, kmeans, mask_iou, minmax_per_channel
+from ditf.massive.clustering import (
+    cluster_massive_tokens,
+    kmeans,
+    mask_iou,
+    minmax_per_channel,
+)
 
 GRID = (16, 20)
 MASSIVE = [3, 9]

@@ -15,18 +15,17 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
-from ditf.arch import arch_for
-from ditf.errors import UnsupportedLayoutError
-from ditf.massive import RatioRule, Record, Scale, Zero, detect_table, intervene
 from tiny_dit import build_dit_pipeline
 from tiny_flux2 import build_flux2_pipeline
-from tiny_models import flux_pipeline
+from tiny_models import flux_pipeline, leftover_hooks
 from tiny_pixart import build_pixart_pipeline
 from tiny_qwen_image import build_qwen_image_pipeline
 from tiny_sana import build_sana_pipeline
 from tiny_sd3 import build_sd3_pipeline
+
+from ditf.arch import arch_for
+from ditf.errors import UnsupportedLayoutError
+from ditf.massive import RatioRule, Record, Scale, Zero, detect_table, intervene
 
 MASSIVE = (3, 7)
 """Channels the builders make massive (the FLUX fixture's own are 11 and 42)."""
@@ -87,10 +86,6 @@ FAMILIES = [
     Family("flux2-klein", "Flux2KleinPipeline", partial(build_flux2_with_massive_channels, variant="klein"),
            {"prompt": "a photo of a cat"}, ["cond", "uncond"]),
 ]
-
-
-def leftover_hooks(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from tiny_models import FLUX_TINY_MASSIVE, leftover_hooks
 
 from ditf.errors import InvalidArgumentError
 from ditf.massive import (
@@ -29,17 +29,8 @@ from ditf.massive import (
     subject_driven,
 )
 
-INJECTED = [11, 42]
+INJECTED = FLUX_TINY_MASSIVE
 SAMPLING = dict(num_inference_steps=2, height=64, width=64, max_sequence_length=8, output_type="pt")
-
-
-@pytest.fixture(scope="module")
-def pipe(flux_pipeline_dir):
-    from diffusers import FluxPipeline
-
-    pipeline = FluxPipeline.from_pretrained(flux_pipeline_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def sample(pipe, prompt="a cat", **extra):
@@ -55,10 +46,6 @@ def sample_with(pipe, actions, prompt="a cat"):
 @pytest.fixture(scope="module")
 def baseline(pipe):
     return sample(pipe)
-
-
-def leftover_hooks(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
 
 
 # ------------------------------------------------------------------------------ identities and effects

@@ -5,24 +5,15 @@ import functools
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import FLUX_TINY, FLUX_TINY_MASSIVE, leftover_hooks
 from torch import nn
 
 from ditf.arch import arch_for
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
 from ditf.massive import CfgLayout, RatioRule, Record, Zero, detect_table, intervene
-from tiny_models import FLUX_TINY
 
-INJECTED = [11, 42]
+INJECTED = FLUX_TINY_MASSIVE
 SAMPLING = dict(num_inference_steps=2, height=64, width=64, max_sequence_length=8, output_type="pt")
-
-
-@pytest.fixture(scope="module")
-def pipe(flux_pipeline_dir):
-    from diffusers import FluxPipeline
-
-    pipeline = FluxPipeline.from_pretrained(flux_pipeline_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def sample(pipe, prompt="a cat", seed=0, **extra):
@@ -45,10 +36,6 @@ def recorded(pipe):
     after = pipe.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     return output, everything.recording, last_only.recording, session
-
-
-def leftover_hooks(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
 
 
 def test_recording_does_not_change_the_image_and_leaves_no_hooks(pipe, baseline, recorded):

@@ -45,3 +45,12 @@ def latents_and_noise(shape: tuple[int, int, int, int], ensemble: int = 1) -> tu
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A seeded random RGB image (height, width, 3) in [0, 1]."""
     return np.random.RandomState(seed).rand(height, width, 3)
+
+
+FLUX_TINY_MASSIVE = [11, 42]
+"""Residual-stream channels of the flux_tiny fixture transformer that carry injected massive activations."""
+
+
+def leftover_hooks(model) -> list[str]:
+    """Names of the submodules of `model` that still hold forward (pre-)hooks."""
+    return [name for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
