@@ -10,11 +10,10 @@ from safetensors.torch import load_file
 from ditf import DiTFeaturizer
 from ditf.features.postprocess import ditf_features
 from ditf.loading import load_transformer
-from tiny_models import FLUX_TINY
+from tiny_models import FLUX_TINY, REFERENCE_TOLERANCE, reference_error
 
 CASE = load_file(FLUX_TINY / "flux_tiny_case.safetensors")
 META = json.loads((FLUX_TINY / "flux_tiny_case.json").read_text())
-TOLERANCE = 1e-5
 
 
 def extract_with(fx: DiTFeaturizer, block: int, discard, **options):
@@ -35,10 +34,10 @@ def featurizer():
 @pytest.mark.parametrize("block", META["blocks"])
 def test_raw_features_and_modulation_equal_the_reference(featurizer, block):
     result = extract(featurizer, block, discard=None)
-    assert (result.raw - CASE[f"k{block}_raw"]).abs().max() <= TOLERANCE
+    assert reference_error(result.raw, CASE[f"k{block}_raw"]) <= REFERENCE_TOLERANCE
     for part in ("shift", "scale", "gate"):
-        assert (getattr(result, part) - CASE[f"k{block}_{part}"]).abs().max() <= TOLERANCE
-    assert (result.features - CASE[f"k{block}_ditf"]).abs().max() <= TOLERANCE
+        assert reference_error(getattr(result, part), CASE[f"k{block}_{part}"]) <= REFERENCE_TOLERANCE
+    assert reference_error(result.features, CASE[f"k{block}_ditf"]) <= REFERENCE_TOLERANCE
 
 
 @pytest.mark.parametrize("block", META["blocks"])
@@ -46,7 +45,7 @@ def test_raw_features_and_modulation_equal_the_reference(featurizer, block):
 def test_channel_discard_equals_the_reference(featurizer, block, discard):
     result = extract(featurizer, block, discard)
     assert result.discarded == META["massive_channels"]
-    assert (result.features - CASE[f"k{block}_ditf_cd"]).abs().max() <= TOLERANCE
+    assert reference_error(result.features, CASE[f"k{block}_ditf_cd"]) <= REFERENCE_TOLERANCE
 
 
 def test_discard_matters_on_this_case(featurizer):
@@ -59,7 +58,7 @@ def test_discard_matters_on_this_case(featurizer):
 @pytest.mark.parametrize("block", META["blocks"])
 def test_loading_only_blocks_up_to_k_gives_the_same_features(block):
     partial = DiTFeaturizer(load_transformer(FLUX_TINY / "diffusers_transformer", block=block))
-    assert (extract(partial, block, "auto").features - CASE[f"k{block}_ditf_cd"]).abs().max() <= TOLERANCE
+    assert reference_error(extract(partial, block, "auto").features, CASE[f"k{block}_ditf_cd"]) <= REFERENCE_TOLERANCE
     full = FluxTransformer2DModel.from_pretrained(FLUX_TINY / "diffusers_transformer")
     later_blocks = [ref.module for ref in DiTFeaturizer(full).arch.blocks()[block + 1 :]]
     skipped = sum(p.numel() for module in later_blocks for p in module.parameters())
@@ -85,10 +84,10 @@ def test_max_batch_does_not_change_the_result(featurizer):
     one_at_a_time = featurizer.from_latents(CASE["latents"], CASE["noise"], prompt_embeds=CASE["txt"],
                                             pooled_prompt_embeds=CASE["pooled"], t=META["t"] * 1000, block=block,
                                             guidance=META["guidance"], max_batch=1)
-    assert (one_at_a_time.features - CASE[f"k{block}_ditf"]).abs().max() <= TOLERANCE
+    assert reference_error(one_at_a_time.features, CASE[f"k{block}_ditf"]) <= REFERENCE_TOLERANCE
 
 
 def test_auto_detection_threshold_is_configurable(featurizer):
     block = META["blocks"][-1]
     strict = extract_with(featurizer, block, "auto", massive_ratio=1e6)
-    assert strict.discarded == [] and (strict.features - CASE[f"k{block}_ditf"]).abs().max() <= TOLERANCE
+    assert strict.discarded == [] and reference_error(strict.features, CASE[f"k{block}_ditf"]) <= REFERENCE_TOLERANCE

@@ -14,14 +14,13 @@ from ditf import DiTFeaturizer
 from ditf.arch.flux import bfl_flux_key_map, convert_bfl_flux_state_dict
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
 from ditf.single_file import load_single_file
-from tiny_models import FLUX_TINY
+from tiny_models import FLUX_TINY, REFERENCE_TOLERANCE, reference_error
 
 BFL_FILE = FLUX_TINY / "flux_tiny_bfl.safetensors"
 CONFIG = FLUX_TINY / "diffusers_transformer"
 DIFFUSERS_FILE = CONFIG / "diffusion_pytorch_model.safetensors"
 CASE = load_file(FLUX_TINY / "flux_tiny_case.safetensors")
 META = json.loads((FLUX_TINY / "flux_tiny_case.json").read_text())
-TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +92,12 @@ def test_diffusers_layout_single_file_loads_as_is(diffusers_weights):
 def test_features_from_the_bfl_file_equal_the_reference(full_from_bfl, block, loading):
     fx = full_from_bfl if loading == "full" else DiTFeaturizer(load_single_file(BFL_FILE, config=CONFIG, block=block))
     plain = extract(fx, block, None)
-    assert (plain.raw - CASE[f"k{block}_raw"]).abs().max() <= TOLERANCE
-    assert (plain.features - CASE[f"k{block}_ditf"]).abs().max() <= TOLERANCE
+    assert reference_error(plain.raw, CASE[f"k{block}_raw"]) <= REFERENCE_TOLERANCE
+    assert reference_error(plain.features, CASE[f"k{block}_ditf"]) <= REFERENCE_TOLERANCE
     for discard in (META["massive_channels"], "auto"):
         discarded = extract(fx, block, discard)
         assert discarded.discarded == META["massive_channels"]
-        assert (discarded.features - CASE[f"k{block}_ditf_cd"]).abs().max() <= TOLERANCE
+        assert reference_error(discarded.features, CASE[f"k{block}_ditf_cd"]) <= REFERENCE_TOLERANCE
 
 
 def test_partial_loading_reads_only_the_tensors_of_blocks_up_to_k(monkeypatch):
@@ -114,7 +113,7 @@ def test_partial_loading_reads_only_the_tensors_of_blocks_up_to_k(monkeypatch):
 def test_from_pretrained_takes_a_bfl_file_and_a_config_folder():
     block = META["blocks"][-1]
     fx = DiTFeaturizer.from_pretrained(str(BFL_FILE), config=str(CONFIG), block=block, device="cpu")
-    assert (extract(fx, block, "auto").features - CASE[f"k{block}_ditf_cd"]).abs().max() <= TOLERANCE
+    assert reference_error(extract(fx, block, "auto").features, CASE[f"k{block}_ditf_cd"]) <= REFERENCE_TOLERANCE
 
 
 def test_a_pipeline_folder_as_config_brings_its_vae_and_text_encoders(flux_pipeline_dir):
