@@ -52,4 +52,4 @@ def test_images_must_have_the_models_one_size(fx):
         fx(photo(PIXELS, PIXELS * 3 // 4), t=T, block=0, ensemble=1, resolution=PIXELS, progress=False)
     padded = fx(photo(PIXELS, PIXELS * 3 // 4), t=T, block=0, ensemble=1, resolution=PIXELS, pad_square=True,
                 progress=False)
-    assert padded.shape == (1, WIDTH, PIXELS // 16, PIXELS // 16)
+    assert padded[0].shape == (WIDTH, PIXELS // 16, PIXELS // 16)

@@ -254,7 +254,9 @@ def test_cli_shards_then_scores_from_the_cache(tmp_path, fake_featurizer, capsys
 def test_results_are_written_atomically(tmp_path):
     path = tmp_path / "results.json"
     write_json_atomic(path, {"all_per_point": 1.0})
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidArgumentError, match="cannot write"):
         write_json_atomic(path, {"all_per_point": object()})
+    with pytest.raises(InvalidArgumentError, match=r"\$.per_category.cat"):
+        write_json_atomic(path, {"per_category": {"cat": float("nan")}})
     assert json.loads(path.read_text()) == {"all_per_point": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

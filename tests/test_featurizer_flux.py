@@ -23,9 +23,20 @@ def fx(flux_pipeline_dir):
     return DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), device="cpu")
 
 
-def test_vae_sampling_modes(fx):
-    per_member, shared, mode = (fx([IMAGE], vae_sample=m, **SETTINGS) for m in ("per_member", "shared", "mode"))
-    assert not torch.equal(per_member, mode) and not torch.equal(shared, mode)
+def test_vae_sampling_modes_draw_what_they_say(fx):
+    """per_member: one posterior sample per ensemble member; shared: one sample for all (the same first draw);
+    mode: the posterior mean, no draw. Each gives other features."""
+    latents = {m: fx.noisy_latents(IMAGE, fx.settings(vae_sample=m, **SETTINGS)) for m in ("per_member", "shared", "mode")}
+    per_member, shared, mode = (latents[m].clean for m in ("per_member", "shared", "mode"))
+    assert per_member.shape[0] == 2 and not torch.equal(per_member[0], per_member[1])
+    assert shared.shape[0] == 1 and torch.equal(shared[0], per_member[0])
+    pixels = latents["mode"].prepared.pixels
+    with torch.no_grad():
+        mean = fx.arch.normalize_latents(fx.vae.encode(pixels).latent_dist.mean)
+    assert mode.shape[0] == 1 and torch.equal(mode, mean)
+    features = {m: fx([IMAGE], vae_sample=m, **SETTINGS)[0] for m in latents}
+    assert not torch.equal(features["per_member"], features["shared"])
+    assert not torch.equal(features["shared"], features["mode"])
     with pytest.raises(InvalidArgumentError, match="vae_sample"):
         fx([IMAGE], vae_sample="twice", **SETTINGS)
 
@@ -45,7 +56,7 @@ def test_text_encoders_run_once_per_distinct_prompt(fx):
 def test_prompt_embeds_bypass_the_text_encoders(fx):
     cond = fx.encode_prompt("a cat")
     direct = fx([IMAGE], prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"], **SETTINGS)
-    assert torch.equal(direct, fx([IMAGE], prompt="a cat", **SETTINGS))
+    assert torch.equal(direct[0], fx([IMAGE], prompt="a cat", **SETTINGS)[0])
     with pytest.raises(InvalidArgumentError, match="pooled_prompt_embeds"):
         fx([IMAGE], prompt_embeds=cond["prompt_embeds"], **SETTINGS)
 
@@ -54,14 +65,14 @@ def test_building_from_modules_equals_loading_the_folder(fx):
     pipe = fx.text_pipeline
     built = DiTFeaturizer(fx.transformer, fx.vae, text_encoders=[pipe.text_encoder, pipe.text_encoder_2],
                           tokenizers=[pipe.tokenizer, pipe.tokenizer_2])
-    assert torch.equal(built([IMAGE], prompt="a cat", **SETTINGS), fx([IMAGE], prompt="a cat", **SETTINGS))
+    assert torch.equal(built([IMAGE], prompt="a cat", **SETTINGS)[0], fx([IMAGE], prompt="a cat", **SETTINGS)[0])
 
 
 def test_ablation_switches(fx):
-    raw = fx([IMAGE], normalize=False, modulate=False, discard=None, **SETTINGS)
-    ln_only = fx([IMAGE], modulate=False, discard=None, **SETTINGS)
-    assert raw[0, [11, 42]].abs().min() > 100  # massive channels survive in the raw feature
-    assert torch.allclose(ln_only.mean(1), torch.zeros(1), atol=1e-4)
+    raw = fx([IMAGE], normalize=False, modulate=False, discard=None, **SETTINGS)[0]
+    ln_only = fx([IMAGE], modulate=False, discard=None, **SETTINGS)[0]
+    assert raw[[11, 42]].abs().min() > 100  # massive channels survive in the raw feature
+    assert torch.allclose(ln_only.mean(0), torch.zeros(1), atol=1e-4)
 
 
 def test_long_prompt_warns_about_truncation(fx):

@@ -83,7 +83,7 @@ def test_max_batch_does_not_change_the_result(featurizer):
     block = META["blocks"][1]
     one_at_a_time = featurizer.from_latents(CASE["latents"], CASE["noise"], prompt_embeds=CASE["txt"],
                                             pooled_prompt_embeds=CASE["pooled"], t=META["t"] * 1000, block=block,
-                                            guidance=META["guidance"], max_batch=1)
+                                            guidance=META["guidance"], discard=None, max_batch=1)
     assert reference_error(one_at_a_time.features, CASE[f"k{block}_ditf"]) <= REFERENCE_TOLERANCE
 
 

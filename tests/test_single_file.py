@@ -122,7 +122,7 @@ def test_a_pipeline_folder_as_config_brings_its_vae_and_text_encoders(flux_pipel
     from_file = DiTFeaturizer.from_pretrained(str(BFL_FILE), config=str(flux_pipeline_dir), block=24, device="cpu")
     from_folder = DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), device="cpu")
     assert from_file.vae is not None and from_file.text_pipeline is not None
-    assert torch.equal(from_file(image, **settings), from_folder(image, **settings))
+    assert torch.equal(from_file(image, **settings)[0], from_folder(image, **settings)[0])
 
 
 # ------------------------------------------------------------------ errors that say what to do

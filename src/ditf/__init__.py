@@ -1,9 +1,45 @@
-"""ditf: dense visual features from Diffusion Transformers (DiTF) and massive-activation tools."""
+"""ditf: dense visual features from Diffusion Transformers (DiTF) and massive-activation tools.
 
-from ditf.errors import DitfError
-from ditf.features.featurizer import DiTFeaturizer, FeatureResult
-from ditf.registry import PRESETS, Preset, get_preset
+`import ditf` is cheap: the names below are imported on first use (PEP 562), so torch, diffusers and
+matplotlib load only when a model, an evaluation or a figure needs them.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = ["DiTFeaturizer", "DitfError", "FeatureResult", "PRESETS", "Preset", "get_preset", "__version__"]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "DiTFeaturizer": "ditf.features.featurizer",
+    "FeatureResult": "ditf.features.featurizer",
+    "FeatureSettings": "ditf.settings",
+    "resolve_settings": "ditf.settings",
+    "DitfError": "ditf.errors",
+    "PRESETS": "ditf.registry",
+    "Preset": "ditf.registry",
+    "get_preset": "ditf.registry",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from ditf.errors import DitfError
+    from ditf.features.featurizer import DiTFeaturizer, FeatureResult
+    from ditf.registry import PRESETS, Preset, get_preset
+    from ditf.settings import FeatureSettings, resolve_settings
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from ditf.versions import ditf_version
+
+        return ditf_version()
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ditf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ditf.errors import InvalidArgumentError
 
 
 def _umask() -> int:
@@ -48,5 +51,32 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any, indent: int = 2) -> Path:
-    """Write JSON-able `data` to `path` atomically; return the path."""
-    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+    """Write JSON-able `data` to `path` atomically as strict JSON; return the path.
+
+    JSON has no NaN or infinity: a missing value must be written as None (null). A non-finite number is refused
+    with an error naming where it is in `data`, rather than written as the non-standard `NaN` token.
+    """
+    try:
+        text = json.dumps(data, indent=indent, allow_nan=False)
+    except ValueError as err:
+        raise InvalidArgumentError(
+            f"cannot write {str(path)!r}: the value at {_non_finite_location(data) or '?'} is not a finite number "
+            "(NaN or infinity); a computation overflowed or divided by zero (in float16 activations, record in "
+            "float32 or bfloat16)."
+        ) from err
+    except TypeError as err:
+        raise InvalidArgumentError(f"cannot write {str(path)!r} as JSON: {err}.") from err
+    return write_text_atomic(path, text + "\n")
+
+
+def _non_finite_location(data: Any, where: str = "$") -> str | None:
+    """JSON-path-like location of the first NaN or infinity in `data`, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where
+    if isinstance(data, dict):
+        items = ((f"{where}.{key}", value) for key, value in data.items())
+    elif isinstance(data, (list, tuple)):
+        items = ((f"{where}[{index}]", value) for index, value in enumerate(data))
+    else:
+        return None
+    return next((found for inner, value in items if (found := _non_finite_location(value, inner))), None)

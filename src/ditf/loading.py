@@ -3,8 +3,10 @@
 Only the transformer's blocks 0..k are read when a block k is given: the model is built on the meta
 device from its real config (so every offset and skip connection is what the full model has), blocks
 after k become `nn.Identity` placeholders, and only the needed tensors are read from the safetensors
-files. Single files go through `ditf.single_file`. Hub downloads honour `HF_HUB_OFFLINE` as set at call
-time, and loading refuses diffusers versions outside `SUPPORTED_DIFFUSERS`.
+files, chosen by the folder's `*.safetensors.index.json` and the weight `variant` (e.g. "fp16"), so a folder
+holding several variants is read once. Single files go through `ditf.single_file`. Hub pipelines are fetched
+with `DiffusionPipeline.download` (only the files of the chosen variant), honouring `HF_HUB_OFFLINE` as set at
+call time, and loading refuses diffusers versions outside the range in ditf's package metadata.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from torch import nn
 from ditf.arch import adapters
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
 from ditf.registry import PRESETS, Preset, preset_for_hub_id
+from ditf.versions import supported_diffusers
 
-SUPPORTED_DIFFUSERS = ">=0.35,<0.43"
-"""diffusers versions whose block layouts ditf's adapters were written and tested against (as in pyproject)."""
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 def diffusers_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """The dtype keyword for diffusers' `from_pretrained`: `dtype` since 0.42 (`torch_dtype` is deprecated
@@ -37,8 +40,6 @@ def diffusers_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}
 
 
-WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
-"""Files of a hub repository that loading needs (configs, safetensors weights, tokenizer files)."""
 
 
 @dataclass
@@ -52,13 +53,15 @@ class LoadedComponents:
 
 
 def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block: int | None = None,
-                    config: str | None = None, token: str | None = None, revision: str | None = None) -> LoadedComponents:
+                    config: str | None = None, token: str | None = None, revision: str | None = None,
+                    variant: str | None = None) -> LoadedComponents:
     """Resolve `model` and load its components.
 
     `model` is a preset alias (`flux-dev`), a hub id (`owner/name`), a local diffusers pipeline folder
     (with `model_index.json`), a bare transformer folder (with `config.json`), or a single-file checkpoint
     (then `config` names a local folder holding the diffusers `config.json`). `block` limits the
-    transformer to blocks 0..block. Honours `HF_HUB_OFFLINE`.
+    transformer to blocks 0..block. `variant` picks weight files such as `*.fp16.safetensors`. Honours
+    `HF_HUB_OFFLINE`.
     """
     check_diffusers_version()
     preset = PRESETS.get(model)
@@ -70,16 +73,16 @@ def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block
         transformer = load_single_file(path, config=config, torch_dtype=torch_dtype, block=block)
         pipeline_folder = resolve_config(config, path).pipeline
         if pipeline_folder is not None:
-            return load_pipeline(pipeline_folder, transformer, torch_dtype=torch_dtype, preset=preset)
+            return load_pipeline(pipeline_folder, transformer, torch_dtype=torch_dtype, preset=preset, variant=variant)
         return LoadedComponents(transformer, None, None, preset)
     if path.is_dir():
         folder = path
     elif _looks_like_path(source):
         raise UnknownModelError(_unknown_model(model))
     else:
-        folder = download(source, token=token, revision=revision)
+        folder = download(source, token=token, revision=revision, variant=variant)
         preset = preset or preset_for_hub_id(source)
-    return load_folder(folder, torch_dtype=torch_dtype, block=block, preset=preset, model=model)
+    return load_folder(folder, torch_dtype=torch_dtype, block=block, preset=preset, model=model, variant=variant)
 
 
 def _unknown_model(model: str) -> str:
@@ -98,7 +101,7 @@ def _unknown_model(model: str) -> str:
 
 
 def check_diffusers_version(version: str | None = None) -> None:
-    """Fail with the fix when the installed diffusers (or `version`) is outside `SUPPORTED_DIFFUSERS`."""
+    """Fail with the fix when the installed diffusers (or `version`) is outside ditf's supported range."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 
@@ -106,19 +109,20 @@ def check_diffusers_version(version: str | None = None) -> None:
         import diffusers
 
         version = diffusers.__version__
+    wanted = supported_diffusers()
     try:
-        supported = Version(version) in SpecifierSet(SUPPORTED_DIFFUSERS, prereleases=True)
+        supported = Version(version) in SpecifierSet(wanted, prereleases=True)
     except InvalidVersion:
         supported = False
     if not supported:
         raise UnsupportedLayoutError(
-            f"diffusers {version} is installed, but ditf supports diffusers{SUPPORTED_DIFFUSERS} (the block layouts "
-            f"its adapters hook). Install a supported version: pip install 'diffusers{SUPPORTED_DIFFUSERS}'."
+            f"diffusers {version} is installed, but ditf supports diffusers{wanted} (the block layouts its adapters "
+            f"hook). Install a supported version: pip install 'diffusers{wanted}'."
         )
 
 
 def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | None, preset: Preset | None,
-                model: str) -> LoadedComponents:
+                model: str, variant: str | None = None) -> LoadedComponents:
     """Load a local diffusers pipeline folder or a bare transformer folder."""
     if (folder / "model_index.json").is_file():
         index = json.loads((folder / "model_index.json").read_text())
@@ -129,16 +133,16 @@ def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | N
         transformer_class = index["transformer"][1]
         if transformer_class not in adapters():
             raise UnknownModelError(_not_a_dit(model, transformer_class))
-        transformer = load_transformer(folder / "transformer", block=block, torch_dtype=torch_dtype)
-        return load_pipeline(folder, transformer, torch_dtype=torch_dtype, preset=preset)
+        transformer = load_transformer(folder / "transformer", block=block, torch_dtype=torch_dtype, variant=variant)
+        return load_pipeline(folder, transformer, torch_dtype=torch_dtype, preset=preset, variant=variant)
     if (folder / "config.json").is_file():
-        transformer = load_transformer(folder, block=block, torch_dtype=torch_dtype)
+        transformer = load_transformer(folder, block=block, torch_dtype=torch_dtype, variant=variant)
         return LoadedComponents(transformer, None, None, preset)
     raise UnknownModelError(_not_a_dit(model, None))
 
 
 def load_pipeline(folder: Path, transformer: nn.Module, *, torch_dtype: torch.dtype | None,
-                  preset: Preset | None) -> LoadedComponents:
+                  preset: Preset | None, variant: str | None = None) -> LoadedComponents:
     """The diffusers pipeline in `folder` (VAE, text encoders, tokenizers) around an already loaded `transformer`.
 
     Components saved as absent (`[null, null]` in model_index.json, e.g. a pipeline kept without its text
@@ -148,7 +152,8 @@ def load_pipeline(folder: Path, transformer: nn.Module, *, torch_dtype: torch.dt
 
     index = json.loads((folder / "model_index.json").read_text())
     absent = {name: None for name, spec in index.items() if not name.startswith("_") and spec == [None, None]}
-    pipeline = DiffusionPipeline.from_pretrained(folder, transformer=transformer, **diffusers_dtype(torch_dtype), **absent)
+    pipeline = DiffusionPipeline.from_pretrained(folder, transformer=transformer, variant=variant,
+                                                 **diffusers_dtype(torch_dtype), **absent)
     return LoadedComponents(transformer, getattr(pipeline, "vae", None), pipeline, preset)
 
 
@@ -179,21 +184,55 @@ def transformer_class(folder: Path) -> type[nn.Module]:
     return getattr(diffusers, name)
 
 
-def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: torch.dtype | None = None) -> nn.Module:
+def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: torch.dtype | None = None,
+                     variant: str | None = None) -> nn.Module:
     """Load the transformer in `folder`; with `block`, only blocks 0..block are read (later ones are placeholders).
 
     Weights are cast to `torch_dtype`; without it they come out float32 either way (as diffusers'
-    `from_pretrained` does), so `block` never changes the dtype.
+    `from_pretrained` does), so `block` never changes the dtype. `variant` picks `*.<variant>.safetensors`.
     """
     check_diffusers_version()
     cls = transformer_class(folder)
     if block is None:
-        return cls.from_pretrained(folder, **diffusers_dtype(torch_dtype)).eval()
+        weight_files(folder, variant)  # the same check and message as partial loading
+        return cls.from_pretrained(folder, variant=variant, **diffusers_dtype(torch_dtype)).eval()
     model = build_prefix(cls, cls.load_config(folder), block)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UnknownModelError(f"{str(folder)!r} has no .safetensors weights; ditf reads safetensors only.")
-    return load_prefix_weights(model, files, torch_dtype)
+    return load_prefix_weights(model, weight_files(folder, variant), torch_dtype)
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files holding a diffusers model's weights in `folder`, for `variant` (None: the default
+    files): the shards listed by `diffusion_pytorch_model.safetensors.index[.<variant>].json`, else the single
+    `diffusion_pytorch_model[.<variant>].safetensors`. Other variants in the folder are never read."""
+    index = folder / _with_variant(WEIGHTS_INDEX_NAME, variant)
+    single = folder / _with_variant(WEIGHTS_NAME, variant)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UnknownModelError(f"{index} is not a safetensors index (no 'weight_map'); download it again.") from err
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise UnknownModelError(f"{index.name} lists shards that are missing from {folder}: {missing}; download them.")
+        return files
+    if single.is_file():
+        return [single]
+    present = sorted(path.name for path in folder.glob("*.safetensors"))
+    variants = sorted({name.split(".")[-2] for name in present if name.count(".") >= 2})
+    hint = f" It holds the variants {variants}: pass variant=... (--variant)." if variants else ""
+    raise UnknownModelError(
+        f"{str(folder)!r} has no {single.name} (nor {index.name}); ditf reads diffusers safetensors weights."
+        f"{hint if variant is None else ''} Files there: {present or 'no .safetensors'}."
+    )
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """`diffusion_pytorch_model.safetensors` -> `diffusion_pytorch_model.fp16.safetensors` (diffusers' naming)."""
+    if variant is None:
+        return name
+    head, _, last = name.rpartition(".")
+    return f"{head}.{variant}.{last}"
 
 
 def build_prefix(cls: type[nn.Module], config: dict, block: int | None) -> nn.Module:
@@ -263,26 +302,36 @@ def hub_offline() -> bool:
     return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
-def download(hub_id: str, *, token: str | None = None, revision: str | None = None) -> Path:
+def download(hub_id: str, *, token: str | None = None, revision: str | None = None, variant: str | None = None) -> Path:
     """Local snapshot of a hub repository with the files loading needs, and errors that say what to do.
 
-    For a pipeline repository only the components named in `model_index.json` are fetched (not e.g. the
-    single-file checkpoints some repositories also hold at their root). With `HF_HUB_OFFLINE` set, only
-    the local cache is read and no connection is attempted.
+    A pipeline repository (with `model_index.json`) is fetched by `DiffusionPipeline.download`: only its
+    components' configs, tokenizers and the safetensors weights of `variant`. A bare transformer repository gets
+    its config and the weights of `variant`. With `HF_HUB_OFFLINE` set, only the local cache is read and no
+    connection is attempted.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = hub_offline()
     try:
-        configs = Path(snapshot_download(hub_id, token=token, revision=revision, local_files_only=offline,
-                                         allow_patterns=["model_index.json", "config.json"]))
-        patterns = list(WEIGHT_PATTERNS)
-        if (configs / "model_index.json").is_file():
-            components = [name for name in json.loads((configs / "model_index.json").read_text()) if not name.startswith("_")]
-            patterns = ["model_index.json"] + [f"{name}/{pattern}" for name in components for pattern in WEIGHT_PATTERNS]
-        return Path(snapshot_download(hub_id, token=token, revision=revision, local_files_only=offline,
-                                      allow_patterns=patterns))
+        try:
+            huggingface_hub.hf_hub_download(hub_id, "model_index.json", token=token, revision=revision,
+                                            local_files_only=offline)
+            is_pipeline = True
+        except LocalEntryNotFoundError:
+            raise
+        except EntryNotFoundError:  # the repository has no model_index.json: a bare transformer
+            is_pipeline = False
+        if is_pipeline:
+            from diffusers import DiffusionPipeline
+
+            return Path(DiffusionPipeline.download(hub_id, token=token, revision=revision, variant=variant,
+                                                   use_safetensors=True, local_files_only=offline))
+        weights = [_with_variant(WEIGHTS_NAME, variant), _with_variant(WEIGHTS_INDEX_NAME, variant),
+                   f"diffusion_pytorch_model{'.' + variant if variant else ''}-*.safetensors"]
+        return Path(huggingface_hub.snapshot_download(hub_id, token=token, revision=revision, local_files_only=offline,
+                                                      allow_patterns=["config.json", *weights]))
     except GatedRepoError as err:
         raise UnknownModelError(
             f"{hub_id!r} is gated: accept its licence on https://huggingface.co/{hub_id} with your account, then set "
@@ -293,13 +342,13 @@ def download(hub_id: str, *, token: str | None = None, revision: str | None = No
             f"{hub_id!r} is not a model on the Hugging Face hub (or it is private: set HF_TOKEN). "
             f"Known aliases: {', '.join(PRESETS)}."
         ) from err
-    except LocalEntryNotFoundError as err:
+    except (LocalEntryNotFoundError, OSError) as err:
         reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise UnknownModelError(
-            f"{hub_id!r} is not in the local Hugging Face cache and {reason}. Download it first on a connected "
-            f"machine: `hf download {hub_id}` (into the same HF_HOME cache), or pass a local folder."
+            f"{hub_id!r} is not (completely) in the local Hugging Face cache and {reason}. Download it first on a "
+            f"connected machine: `hf download {hub_id}` (into the same HF_HOME cache), or pass a local folder."
         ) from err
 
 
-__all__ = ["LoadedComponents", "SUPPORTED_DIFFUSERS", "build_prefix", "check_diffusers_version", "download",
-           "hub_offline", "load_components", "load_folder", "load_pipeline", "load_transformer"]
+__all__ = ["LoadedComponents", "build_prefix", "check_diffusers_version", "download",
+           "hub_offline", "load_components", "load_folder", "load_pipeline", "load_transformer", "weight_files"]

@@ -1,8 +1,18 @@
-"""Named model presets: hub id and DiTF defaults, each number with where it comes from."""
+"""Named model presets and task presets: every default number with where it comes from.
+
+A `Preset` holds a released model's DiTF defaults (block k, timestep t, resolution, ensemble, ...); a
+`TaskPreset` holds the defaults of one benchmark protocol (`TASK_DEFAULTS`, for every model) or of one model on
+one task (`Preset.tasks`, e.g. FLUX.1-dev's DAVIS block and timestep). `ditf.settings.resolve_settings` is the
+only place where these defaults are applied. A model without a task preset keeps its own block and timestep
+for that task, and the results say so; no model silently gets another model's numbers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from ditf.errors import UnknownModelError
 
@@ -15,6 +25,17 @@ class MassiveChannels:
     source: str
     verified: bool
     """True when taken from released code or measured by us; False for numbers quoted from papers only."""
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """Defaults of one task: `settings` are `FeatureSettings` fields (block, t, ensemble, prompt, ...),
+    `protocol` the task's own options (e.g. DAVIS `short_side`, SPair `prompt_mode`); `source` says where
+    they come from."""
+
+    source: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    protocol: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -33,19 +54,55 @@ class Preset:
     """Where block / t / resolution / ensemble come from."""
     massive: MassiveChannels | None = None
     guidance: float | None = None
-    """Guidance embedding value for guidance-distilled models (FLUX.1-dev, FLUX.2)."""
-    prompt: str = ""
-    extra: dict = field(default_factory=dict)
+    """Guidance embedding value for guidance-distilled models (FLUX.1-dev, FLUX.2-dev)."""
+    vae_sample: str | None = None
+    """How latents are drawn from the VAE posterior when it differs from the family default."""
+    tasks: Mapping[str, TaskPreset] = field(default_factory=dict)
+    """Per task name (see `TASKS`), this model's published defaults for it."""
+
+    def setting_defaults(self) -> dict[str, tuple[Any, str]]:
+        """`FeatureSettings` field -> (value, source) for every default this preset sets."""
+        defaults = {name: (getattr(self, name), self.source) for name in ("block", "t", "resolution", "ensemble")}
+        if self.guidance is not None:
+            defaults["guidance"] = (self.guidance, self.source)
+        if self.vae_sample is not None:
+            defaults["vae_sample"] = (self.vae_sample, self.source)
+        return defaults
 
 
 _DITF_CODE = "DiTF authors' code (github.com/ganchaofan0000/DiTF @08658e6, README and eval_spair.py)"
+_DITF_DAVIS = "DiTF authors' code (github.com/ganchaofan0000/DiTF @08658e6, eval_davis.sh and README)"
 _OURS = "ditf default: no published DiTF setting; about half depth as FLUX k=28 of 57, t=261, to be tuned"
+_FLUX2_PIPELINE = "Flux2Pipeline: guidance_scale 4.0 and posterior-mode VAE latents (retrieve_latents 'argmax')"
+
+CORRESPONDENCE_TASKS = ("spair", "pfpascal", "ap10k")
+"""Keypoint-correspondence benchmarks: a model's own preset (block, t, resolution, ensemble) is its setting for these."""
+TASKS = (*CORRESPONDENCE_TASKS, "davis")
+"""Tasks with task presets: the correspondence benchmarks and DAVIS-2017 label propagation."""
+
+_CORRESPONDENCE = TaskPreset(
+    "DiTF authors' eval_spair.py (@08658e6): one class prompt per image, 'a photo of a {category}'",
+    protocol={"prompt_mode": "class"},
+)
+TASK_DEFAULTS: Mapping[str, TaskPreset] = MappingProxyType({
+    "spair": _CORRESPONDENCE,
+    "pfpascal": _CORRESPONDENCE,
+    "ap10k": _CORRESPONDENCE,
+    "davis": TaskPreset(
+        _DITF_DAVIS + ": one noise draw, the prompt 'a photo of a image' (sic), frames with short side 960 and the "
+        "long side floored to a multiple of 32",
+        settings={"ensemble": 1, "prompt": "a photo of a image"},
+        protocol={"short_side": 960, "size_multiple": 32},
+    ),
+})
+"""Defaults of each task for every model (the protocol as published, model-agnostic parts only)."""
 
 PRESETS: dict[str, Preset] = {
     p.alias: p
     for p in [
         Preset("flux-dev", "black-forest-labs/FLUX.1-dev", "flux", 28, 261, 640, 8, _DITF_CODE,
-               MassiveChannels((154, 1446), _DITF_CODE + ": hard-coded channel discard", True), guidance=3.5),
+               MassiveChannels((154, 1446), _DITF_CODE + ": hard-coded channel discard", True), guidance=3.5,
+               tasks={"davis": TaskPreset(_DITF_DAVIS + ": block 24, t 90", settings={"block": 24, "t": 90})}),
         Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", 28, 261, 640, 8,
                "FLUX.1-dev settings reused (same architecture); not published for schnell"),
         Preset("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 12, 261, 640, 8, _OURS,
@@ -61,9 +118,12 @@ PRESETS: dict[str, Preset] = {
         Preset("dit-xl-2-512", "facebook/DiT-XL-2-512", "dit", 14, 261, 512, 8, _OURS),
         Preset("sana-1600m", "Efficient-Large-Model/Sana_1600M_1024px_diffusers", "sana", 10, 261, 1024, 8, _OURS),
         Preset("qwen-image", "Qwen/Qwen-Image", "qwen-image", 30, 261, 640, 8, _OURS),
-        Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", "flux2", 28, 261, 640, 8, _OURS, guidance=4.0),
-        Preset("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", "flux2", 12, 261, 640, 8, _OURS),
-        Preset("flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", "flux2", 16, 261, 640, 8, _OURS),
+        Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", "flux2", 28, 261, 640, 8, _OURS + "; " + _FLUX2_PIPELINE,
+               guidance=4.0, vae_sample="mode"),
+        Preset("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", "flux2", 12, 261, 640, 8, _OURS + "; " + _FLUX2_PIPELINE,
+               vae_sample="mode"),
+        Preset("flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", "flux2", 16, 261, 640, 8,
+               _OURS + "; " + _FLUX2_PIPELINE, vae_sample="mode"),
     ]
 }
 
@@ -81,3 +141,34 @@ def get_preset(alias: str) -> Preset:
 def preset_for_hub_id(hub_id: str) -> Preset | None:
     """The preset whose hub id is `hub_id`, if any (so hub ids get the same defaults as aliases)."""
     return next((p for p in PRESETS.values() if p.hub_id == hub_id), None)
+
+
+def preset_for(model: str | None) -> Preset | None:
+    """The preset of a model reference without loading anything: an alias, or the hub id of a preset; None for
+    local folders, single files and other hub ids."""
+    if model is None:
+        return None
+    return PRESETS.get(model) or preset_for_hub_id(model)
+
+
+def task_preset(preset: Preset | None, task: str) -> tuple[dict[str, tuple[Any, str]], dict[str, tuple[Any, str]]]:
+    """(settings, protocol) defaults of `task` for the model of `preset`, each name -> (value, source).
+
+    The task's defaults for every model come first, then the model's own task preset. Outside the correspondence
+    tasks (which model presets are made for), a model without a task preset keeps its own block and timestep,
+    and the source of those says that no setting for this task was published.
+    """
+    if task not in TASKS:
+        raise UnknownModelError(f"unknown task {task!r}; tasks with presets: {', '.join(TASKS)}.")
+    settings: dict[str, tuple[Any, str]] = {}
+    protocol: dict[str, tuple[Any, str]] = {}
+    for found in (TASK_DEFAULTS.get(task), preset.tasks.get(task) if preset is not None else None):
+        if found is None:
+            continue
+        settings.update({name: (value, found.source) for name, value in found.settings.items()})
+        protocol.update({name: (value, found.source) for name, value in found.protocol.items()})
+    if preset is not None and task not in preset.tasks and task not in CORRESPONDENCE_TASKS:
+        own = f"{preset.alias} has no published {task} setting: its own preset ({preset.source})"
+        for name in ("block", "t"):
+            settings.setdefault(name, (getattr(preset, name), own))
+    return settings, protocol

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from ditf.arch.base import ArchSpec, BlockInputs, BlockRef
@@ -42,6 +42,29 @@ def tap_block(arch: ArchSpec, k: int, stop: bool = True) -> Iterator[list[BlockI
             raise StopForward
 
     with block_pre_hook(block, hook):
+        yield captured
+
+
+@contextmanager
+def tap_blocks(arch: ArchSpec, ks: Sequence[int]) -> Iterator[dict[int, BlockInputs]]:
+    """Collect the `BlockInputs` of every block in `ks` (global indices) during one forward inside the context,
+    keyed by index, and end the forward right after the deepest one's inputs are read (later blocks and the final
+    layer never run); call the model with `run_until`."""
+    refs = sorted({arch.block(k).index: arch.block(k) for k in ks}.items())
+    captured: dict[int, BlockInputs] = {}
+    deepest = refs[-1][0]
+
+    def hook_for(index: int, ref: BlockRef) -> Callable[[tuple, dict], None]:
+        def hook(args: tuple, kwargs: dict) -> None:
+            captured[index] = arch.read_block_inputs(ref, args, kwargs)
+            if index == deepest:
+                raise StopForward
+
+        return hook
+
+    with ExitStack() as hooks:
+        for index, ref in refs:
+            hooks.enter_context(block_pre_hook(ref, hook_for(index, ref)))
         yield captured
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -28,12 +30,15 @@ def adapters() -> dict[str, type[ArchSpec]]:
     return found
 
 
-def arch_for(transformer: nn.Module, vae: nn.Module | None = None) -> ArchSpec:
-    """Bind the adapter of `transformer`'s family to it (and to its VAE, if given)."""
+def arch_for(transformer: nn.Module, vae: nn.Module | None = None,
+             scheduler_config: Mapping[str, Any] | None = None) -> ArchSpec:
+    """Bind the adapter of `transformer`'s family to it (and to its VAE and its pipeline's scheduler config, if
+    given; DDPM families noise latents with that schedule)."""
     known = adapters()
-    name = type(transformer).__name__
-    if name not in known:
+    name = next((cls.__name__ for cls in type(transformer).__mro__ if cls.__name__ in known), None)
+    if name is None:
         raise UnsupportedLayoutError(
-            f"{name} is not a DiT family ditf supports; supported transformer classes: {', '.join(sorted(known))}."
+            f"{type(transformer).__name__} is not a DiT family ditf supports; supported transformer classes (and "
+            f"their subclasses): {', '.join(sorted(known))}."
         )
-    return known[name](transformer, vae)
+    return known[name](transformer, vae, scheduler_config)

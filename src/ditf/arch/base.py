@@ -29,9 +29,16 @@ import torch
 from torch import nn
 
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
+from ditf.versions import diffusers_hint
 
 if TYPE_CHECKING:
-    from ditf.single_file import TensorSource
+    from ditf.arch.checkpoints import TensorSource
+
+DEFAULT_DDPM_SCHEDULE: Mapping[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                                            "beta_schedule": "linear"}
+"""The DDPM noise schedule of the released DiT and PixArt checkpoints (their scheduler configs)."""
+DDPM_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+"""Scheduler-config keys that define a DDPM noise schedule (the rest configure sampling)."""
 
 Conditioning = dict[str, Any]
 """An encoded prompt: keyword tensors for the adapter's `run` (e.g. `prompt_embeds`, `pooled_prompt_embeds`)."""
@@ -136,9 +143,15 @@ class ArchSpec(ABC):
     """For families with an `original_layout`: checkpoint key -> shape of a file (prefix stripped) in, the
     `TensorSource` of every diffusers key out, or None when the keys are not in that layout."""
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module | None = None):
+    default_vae_sample: ClassVar[str] = "per_member"
+    """How latents are drawn from the VAE posterior when the settings do not say: "per_member" (the DiTF
+    authors' procedure), "shared" or "mode" (for families whose pipelines use the posterior mean)."""
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module | None = None,
+                 scheduler_config: Mapping[str, Any] | None = None):
         self.transformer = transformer
         self.vae = vae
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
         self.check_layout()
 
     # ----------------------------------------------------------------- blocks
@@ -191,7 +204,7 @@ class ArchSpec(ABC):
             if blocks is None:
                 raise UnsupportedLayoutError(
                     f"{type(self.transformer).__name__} has no `{stage}`: this diffusers version lays out "
-                    f"{self.family} differently from what ditf supports (diffusers>=0.35,<0.43)."
+                    f"{self.family} differently from what ditf supports. {diffusers_hint()}"
                 )
             for local_index, block in enumerate(blocks):
                 if isinstance(block, nn.Identity):
@@ -200,8 +213,7 @@ class ArchSpec(ABC):
                 if params != expected:
                     raise UnsupportedLayoutError(
                         f"{type(block).__name__}.forward takes {params} (at {stage}.{local_index}), but the "
-                        f"{self.family} adapter expects {expected}. Install a supported diffusers version "
-                        "(>=0.35,<0.43)."
+                        f"{self.family} adapter expects {expected}. {diffusers_hint()}"
                     )
 
     # ------------------------------------------------------------ block taps
@@ -243,7 +255,7 @@ class ArchSpec(ABC):
         expected = "a tensor" if position is None else f"a tuple with the image stream at position {position}"
         raise UnsupportedLayoutError(
             f"block {block.index} ({block.path}) returned {_describe(output)}, but the {self.family} adapter expects "
-            f"{expected}. Install a supported diffusers version (>=0.35,<0.43)."
+            f"{expected}. {diffusers_hint()}"
         )
 
     def _replace_argument(self, block: BlockRef, args: tuple, kwargs: dict, name: str,
@@ -312,23 +324,44 @@ class ArchSpec(ABC):
         return self.normalize_latents(raw)
 
     def noise_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
-        """Noise clean latents x0 (1 or B, c, H, W) with `noise` (B, c, H, W) to timestep t in 0..1000."""
+        """Noise clean latents x0 (1 or B, c, H, W) with `noise` (B, c, H, W) to timestep t in 0..1000.
+
+        Flow matching: x_t = s * noise + (1 - s) * x0 with s = t / 1000, the definition of the flow time (a
+        pipeline's scheduler shifts its *sampling* schedule, which DiTF's t does not follow). DDPM: the
+        pipeline's own noise schedule (`DDPMScheduler.from_config(scheduler config).add_noise`) at the integer
+        step `ddpm_index(t)`, so a checkpoint whose betas differ stays exact.
+        """
         if self.noise_convention == "flow":
             s = t / 1000.0
             return s * noise + (1.0 - s) * x0
-        alpha_bar = self.ddpm_alphas_cumprod()[self.ddpm_index(t)].item()
-        return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
+        step = torch.tensor([self.ddpm_index(t)], device=x0.device)
+        return self.ddpm_scheduler().add_noise(x0, noise, step)
 
-    @staticmethod
-    def ddpm_alphas_cumprod() -> torch.Tensor:
-        """alphas_cumprod (1000,) of the linear beta schedule 1e-4..0.02 used by DiT and PixArt."""
-        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-        return torch.cumprod(1.0 - betas, dim=0)
+    def ddpm_scheduler(self) -> Any:
+        """A `DDPMScheduler` with the noise schedule of the model's pipeline (its scheduler config), or of the
+        released DiT / PixArt models (linear betas 1e-4..0.02 over 1000 steps) when no pipeline is attached."""
+        if getattr(self, "_ddpm", None) is None:
+            from diffusers import DDPMScheduler
+            from diffusers.utils import logging as diffusers_logging
 
-    @staticmethod
-    def ddpm_index(t: float) -> int:
-        """Integer DDPM timestep for t in 0..1000 (1000 maps to the last step, 999)."""
-        return min(int(round(t)), 999)
+            config = self.scheduler_config or DEFAULT_DDPM_SCHEDULE
+            wanted = {key: config[key] for key in DDPM_SCHEDULE_KEYS if key in config}
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # from_config lists the sampler-only keys it ignores
+            try:
+                self._ddpm = DDPMScheduler.from_config(wanted)
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
+        return self._ddpm
+
+    def ddpm_index(self, t: float) -> int:
+        """Integer DDPM step for t in 0..1000 on the scheduler's training steps (1000 maps to the last step)."""
+        steps = int((self.scheduler_config or DEFAULT_DDPM_SCHEDULE).get("num_train_timesteps", 1000))
+        return min(int(round(t * steps / 1000.0)), steps - 1)
+
+    def default_guidance(self) -> float | None:
+        """The embedded guidance value this model uses when the settings give none; None when it embeds none."""
+        return None
 
     # ------------------------------------------------------------ forward
     @contextmanager
@@ -349,6 +382,10 @@ class ArchSpec(ABC):
     def conditioning_keys(self) -> tuple[str, ...]:
         """Keys of `Conditioning` this family's `run` needs."""
         return ("prompt_embeds",)
+
+    def optional_conditioning_keys(self) -> tuple[str, ...]:
+        """Keys of `Conditioning` this family's `run` uses when given (e.g. a padding mask)."""
+        return ()
 
     text_limits: ClassVar[dict[str, int]] = {}
     """Per tokenizer attribute of the pipeline, the number of tokens the family encodes (longer is cut)."""

@@ -40,6 +40,7 @@ from ditf.arch.base import (
     expand_batch,
 )
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
+from ditf.versions import diffusers_hint
 
 
 class DiTArch(ArchSpec):
@@ -63,7 +64,7 @@ class DiTArch(ArchSpec):
             if getattr(ref.module, "norm_type", None) != "ada_norm_zero" or getattr(norm, "emb", None) is None:
                 raise UnsupportedLayoutError(
                     f"{ref.path} of this DiT model is not an adaLN-zero block with its own timestep/label embedding "
-                    "(`norm1.emb`). Install a supported diffusers version (>=0.35,<0.43)."
+                    f"(`norm1.emb`). {diffusers_hint()}"
                 )
 
     @property

@@ -34,7 +34,11 @@ from ditf.arch.base import (
     pack_2x2,
     text_prompt,
 )
-from ditf.single_file import TensorSource
+from ditf.arch.checkpoints import TensorSource
+
+
+FLUX_DEFAULT_GUIDANCE = 3.5
+"""`FluxPipeline`'s default guidance scale, which FLUX.1-dev embeds (the DiTF authors' code uses it too)."""
 
 
 class FluxArch(PackedLatentsArch):
@@ -78,7 +82,8 @@ class FluxArch(PackedLatentsArch):
         timestep = torch.full((batch,), t / 1000.0, device=latents.device, dtype=latents.dtype)
         guidance_vec = None
         if self.transformer.config.guidance_embeds:
-            guidance_vec = torch.full((batch,), 3.5 if guidance is None else guidance, device=latents.device, dtype=latents.dtype)
+            value = self.default_guidance() if guidance is None else guidance
+            guidance_vec = torch.full((batch,), value, device=latents.device, dtype=latents.dtype)
         return self.transformer(
             hidden_states=tokens,
             encoder_hidden_states=prompt_embeds,
@@ -89,6 +94,10 @@ class FluxArch(PackedLatentsArch):
             guidance=guidance_vec,
             return_dict=False,
         )
+
+    def default_guidance(self) -> float | None:
+        """FluxPipeline's default `guidance_scale` (3.5) for guidance-distilled checkpoints (dev); None for schnell."""
+        return FLUX_DEFAULT_GUIDANCE if self.transformer.config.guidance_embeds else None
 
     def conditioning_keys(self) -> tuple[str, ...]:
         return ("prompt_embeds", "pooled_prompt_embeds")

@@ -30,7 +30,7 @@ embedding. Prompts: dev stacks Mistral-Small-3.1 hidden layers (10, 20, 30), kle
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,9 +66,13 @@ class Flux2Arch(ArchSpec):
     block_output_image = 1
     text_stream_param = "encoder_hidden_states"
 
-    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module | None = None):
+    default_vae_sample = "mode"
+    """`Flux2Pipeline` encodes reference images with the posterior mean (`retrieve_latents(..., "argmax")`)."""
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module | None = None,
+                 scheduler_config: Mapping[str, Any] | None = None):
         self._text_tokens: int | None = None
-        super().__init__(transformer, vae)
+        super().__init__(transformer, vae, scheduler_config)
 
     @property
     def is_klein(self) -> bool:
@@ -196,7 +200,7 @@ class Flux2Arch(ArchSpec):
         txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(prompt_embeds.shape[1]))
         guidance_vec = None
         if not self.is_klein:
-            value = _pipeline_default_guidance() if guidance is None else guidance
+            value = self.default_guidance() if guidance is None else guidance
             guidance_vec = torch.full((batch,), value, device=latents.device, dtype=latents.dtype)
         with self.forward_context():
             return self.transformer(
@@ -208,6 +212,10 @@ class Flux2Arch(ArchSpec):
                 guidance=guidance_vec,
                 return_dict=False,
             )
+
+    def default_guidance(self) -> float | None:
+        """dev: `Flux2Pipeline`'s default `guidance_scale` (4.0); klein embeds no guidance."""
+        return None if self.is_klein else _pipeline_default_guidance()
 
     # ------------------------------------------------------------ prompts
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:

@@ -43,6 +43,7 @@ from ditf.arch.base import (
     text_prompt,
 )
 from ditf.errors import UnsupportedLayoutError
+from ditf.versions import diffusers_hint
 
 T5_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 """T5 sequence length each PixArt pipeline pads to by default (PixArt-alpha and PixArt-Sigma papers)."""
@@ -75,7 +76,7 @@ class PixArtArch(ArchSpec):
             if not adaln_single or table is None or tuple(table.shape) != (6, self.width):
                 raise UnsupportedLayoutError(
                     f"{ref.path} of this PixArt model is not an adaLN-single block with a (6, {self.width}) "
-                    "scale_shift_table. Install a supported diffusers version (>=0.35,<0.43)."
+                    f"scale_shift_table. {diffusers_hint()}"
                 )
             if not isinstance(norm, nn.LayerNorm) or norm.elementwise_affine or norm.eps != BLOCK_LAYER_NORM_EPS:
                 raise UnsupportedLayoutError(

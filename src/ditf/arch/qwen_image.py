@@ -132,8 +132,12 @@ class QwenImageArch(PackedLatentsArch):
 
     # ------------------------------------------------------------ prompts
     def conditioning_keys(self) -> tuple[str, ...]:
-        """Qwen2.5-VL embeddings (B, T, 3584); an optional `prompt_embeds_mask` (B, T) marks padding."""
+        """Qwen2.5-VL embeddings (B, T, 3584)."""
         return ("prompt_embeds",)
+
+    def optional_conditioning_keys(self) -> tuple[str, ...]:
+        """`prompt_embeds_mask` (B, T) marks padding."""
+        return ("prompt_embeds_mask",)
 
     def encode_prompt(self, pipeline: Any, prompt: str, device: torch.device) -> Conditioning:
         """Encode `prompt` as `QwenImagePipeline.__call__` does (chat template, prefix dropped)."""

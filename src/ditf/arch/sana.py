@@ -58,6 +58,8 @@ class SanaArch(ArchSpec):
     noise_convention = "flow"
     text_limits = {"tokenizer": MAX_PROMPT_TOKENS}
     cfg_layouts = {"SanaPipeline": BATCHED_CFG_UNCOND_FIRST}
+    default_vae_sample = "mode"
+    """The DC-AE is deterministic: its one latent is the "posterior mode"."""
 
     def check_layout(self) -> None:
         """Refuse Sana-Sprint (guidance-embedded, SCM timesteps) on top of the signature check."""
@@ -102,7 +104,7 @@ class SanaArch(ArchSpec):
         """Call the transformer on noisy latents (B, c, H, W) at t in 0..1000 (`guidance` is unused)."""
         batch = latents.shape[0]
         timestep = torch.full((batch,), t * self.transformer.config.timestep_scale, device=latents.device,
-                              dtype=latents.dtype)
+                              dtype=torch.float32)  # fp32 as SanaPipeline passes it (bf16 would turn 261 into 260)
         return self.transformer(
             latents,
             encoder_hidden_states=expand_batch(cond["prompt_embeds"], batch).to(latents),

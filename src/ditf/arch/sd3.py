@@ -41,6 +41,7 @@ from ditf.arch.base import (
     text_prompt,
 )
 from ditf.errors import InvalidArgumentError, UnsupportedLayoutError
+from ditf.versions import diffusers_hint
 
 T5_TOKENS = 256
 """T5 sequence length `StableDiffusion3Pipeline.encode_prompt` pads to by default."""
@@ -67,7 +68,7 @@ class SD3Arch(ArchSpec):
             if not isinstance(linear, nn.Linear) or linear.out_features not in (6 * self.width, 9 * self.width):
                 raise UnsupportedLayoutError(
                     f"{ref.path}.norm1 of this SD3 model is not an AdaLayerNormZero / SD35AdaLayerNormZeroX with 6 or 9 "
-                    f"chunks of {self.width} channels. Install a supported diffusers version (>=0.35,<0.43)."
+                    f"chunks of {self.width} channels. {diffusers_hint()}"
                 )
 
     @property

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
+from ditf.versions import diffusers_hint
 from ditf.features.featurizer import check_dtype_on_device
 from ditf.features.preprocess import ImageInput, prepare_image
 from ditf.loading import diffusers_dtype
@@ -288,7 +289,7 @@ def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         if not isinstance(output, torch.Tensor):
             raise UnsupportedLayoutError(
                 f"{type(module).__name__} returned a {type(output).__name__}, not a tensor; this diffusers version's "
-                "UNet up blocks have a layout DIFT does not know. Use diffusers>=0.35,<0.43."
+                f"UNet up blocks have a layout DIFT does not know. {diffusers_hint()}"
             )
         captured.append(output)
         raise StopForward

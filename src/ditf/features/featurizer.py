@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,19 +13,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ditf.arch import ArchSpec, Conditioning, arch_for
+from ditf.arch import ArchSpec, BlockInputs, Conditioning, arch_for
+from ditf.channels import check_channels, detect_massive_channels
 from ditf.errors import InvalidArgumentError
-from ditf.features.postprocess import check_channels, ditf_features
-from ditf.features.preprocess import ImageInput, prepare_image
-from ditf.massive.detect import detect_ratio
+from ditf.features.postprocess import ditf_features
+from ditf.features.preprocess import ImageInput, PreparedImage, prepare_image
 from ditf.registry import Preset
-from ditf.taps import run_until, tap_block
+from ditf.settings import SETTING_NAMES, FeatureSettings, check_setting_names, dtype_name, resolve_settings
+from ditf.taps import run_until, tap_blocks
 
-Discard = Literal["auto"] | Sequence[int] | None
-VaeSample = Literal["per_member", "shared", "mode"]
-MASSIVE_RATIO = 100.0
-"""Default of `massive_ratio`: with `discard="auto"` and no verified preset channels, a channel is massive
-when its median |z| over tokens is at least this many times the median over channels."""
+Offload = Literal["model", "sequential"]
 
 
 @dataclass
@@ -33,18 +30,30 @@ class FeatureResult:
     """DiTF features of one image; maps are (C, h, w) on the token grid, vectors (C,).
 
     `raw` is the ensemble-mean image-token input of the block; `shift`, `scale`, `gate` that block's AdaLN
-    vectors; `discarded` the channels zeroed before the LayerNorm. Only `features` is always set;
-    the others are filled when `return_parts=True`.
+    vectors; `discarded` the channels zeroed before the LayerNorm; `settings` what the features were computed
+    with. `features`, `block`, `t`, `discarded` and `settings` are always set; the others when
+    `return_parts=True`.
     """
 
     features: torch.Tensor
     block: int
     t: float
     discarded: list[int] = field(default_factory=list)
+    settings: FeatureSettings | None = None
     raw: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     gate: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class NoisyLatents:
+    """One image on its way into the transformer: `prepared` (the resized pixels and sizes), `clean` latents
+    (1 or E, c, H, W; E posterior samples or the mode), `noise` (E, c, H, W), fp32 on the CPU."""
+
+    prepared: PreparedImage
+    clean: torch.Tensor
+    noise: torch.Tensor
 
 
 class DiTFeaturizer:
@@ -52,36 +61,45 @@ class DiTFeaturizer:
 
     Build from loaded diffusers modules (the family is inferred from the transformer class), or with
     `from_pretrained` from an alias, a hub id, a local folder or a single-file checkpoint. Calling it on
-    images returns (B, C, h, w) feature maps at the model's stride (16 px for FLUX).
+    images returns one (C, h, w) feature map per image at the model's stride (16 px for FLUX). What the
+    features are computed with is a `FeatureSettings`: the model preset's defaults, changed by keyword
+    arguments (`t=`, `block=`, ...) or given whole (`settings=`).
     """
 
     def __init__(self, transformer: nn.Module, vae: nn.Module | None = None,
                  text_encoders: Sequence[nn.Module] | None = None, tokenizers: Sequence[Any] | None = None, *,
-                 pipeline: Any = None, preset: Preset | None = None):
+                 pipeline: Any = None, preset: Preset | None = None, model: str | None = None):
         self.transformer = transformer.eval()
         self.vae = vae.eval() if vae is not None else None
-        self.arch: ArchSpec = arch_for(transformer, vae)
+        scheduler = getattr(pipeline, "scheduler", None)
+        self.arch: ArchSpec = arch_for(transformer, vae, getattr(scheduler, "config", None))
         self.preset = preset
+        self.model = model
+        """The model reference the featurizer was loaded from (alias, hub id or path), recorded in its settings."""
         self.text_pipeline = pipeline if pipeline is not None else self._text_pipeline(text_encoders, tokenizers)
         self._prompt_cache: dict[str, Conditioning] = {}
         self._offload_device: torch.device | None = None
+        self._offload_hooks: list[tuple[nn.Module, Any]] = []
 
     @classmethod
     def from_pretrained(cls, model: str, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         block: int | None = None, text_encoder_device: str | torch.device | None = None,
-                        offload: Literal["model", "sequential"] | None = None, config: str | None = None,
-                        **kwargs: Any) -> "DiTFeaturizer":
+                        offload: Offload | None = None, config: str | None = None, variant: str | None = None,
+                        token: str | None = None, revision: str | None = None) -> DiTFeaturizer:
         """Load a featurizer from an alias (`flux-dev`, ...), hub id, local folder or single file.
 
         `block` (global index k) loads only blocks 0..k of the transformer, saving memory when you will
         only tap up to k. `text_encoder_device` keeps the text encoders elsewhere (e.g. `"cpu"`).
         `offload` uses accelerate to keep weights on the CPU and move them to `device` when used.
-        `config` is a local folder with `config.json` for single-file checkpoints.
+        `config` is a local folder with `config.json` for single-file checkpoints; `variant` picks weight files
+        such as `*.fp16.safetensors`; `token` and `revision` go to the hub.
         """
         from ditf.loading import load_components
 
-        components = load_components(model, torch_dtype=torch_dtype, block=block, config=config, **kwargs)
-        fx = cls(components.transformer, components.vae, pipeline=components.pipeline, preset=components.preset)
+        components = load_components(model, torch_dtype=torch_dtype, block=block, config=config, variant=variant,
+                                     token=token, revision=revision)
+        fx = cls(components.transformer, components.vae, pipeline=components.pipeline, preset=components.preset,
+                 model=model)
         fx.place(device, text_encoder_device=text_encoder_device, offload=offload)
         return fx
 
@@ -97,39 +115,101 @@ class DiTFeaturizer:
         return next(p.dtype for p in self.transformer.parameters() if p.is_floating_point())
 
     def place(self, device: str | torch.device | None = None, *, text_encoder_device: str | torch.device | None = None,
-              offload: Literal["model", "sequential"] | None = None) -> "DiTFeaturizer":
+              offload: Offload | None = None) -> DiTFeaturizer:
         """Move the modules to `device` (default: CUDA when available, else CPU), or offload them.
 
         `offload="sequential"` keeps weights on the CPU and streams each module to `device` when it runs
-        (accelerate's `cpu_offload`: least memory, slowest); `"model"` moves whole models on use.
-        Text encoders go to `text_encoder_device` (default: `device`).
+        (accelerate's `cpu_offload`: least memory, slowest); `"model"` moves a whole model (text encoders, VAE,
+        transformer) to `device` when it runs and the others back to the CPU, and all of them back to the CPU
+        when a call returns. Text encoders go to `text_encoder_device` (default: `device`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         check_dtype_on_device(self.dtype, device)
+        if offload not in (None, "model", "sequential"):
+            raise InvalidArgumentError(f"offload={offload!r} is not one of None, 'model', 'sequential'.")
         modules = [self.transformer] + ([self.vae] if self.vae is not None else [])
+        encoders = self._text_encoders()
+        self._offload_hooks = []
         if offload is None:
             for module in modules:
                 module.to(device)
+            for encoder in encoders:
+                encoder.to(torch.device(text_encoder_device) if text_encoder_device is not None else device)
             self._offload_device = None
-        elif offload in ("model", "sequential"):
-            from accelerate import cpu_offload, cpu_offload_with_hook
+            return self
+        from accelerate import cpu_offload, cpu_offload_with_hook
 
-            for module in modules:
-                if offload == "sequential":
-                    cpu_offload(module, execution_device=device)
-                else:
-                    cpu_offload_with_hook(module, execution_device=device)
-            self._offload_device = device
+        if text_encoder_device is None:
+            modules += encoders
         else:
-            raise InvalidArgumentError(f"offload={offload!r} is not one of None, 'model', 'sequential'.")
-        for encoder in self._text_encoders():
-            encoder.to(torch.device(text_encoder_device) if text_encoder_device is not None else device)
+            for encoder in encoders:
+                encoder.to(torch.device(text_encoder_device))
+        for module in modules:
+            if offload == "sequential":
+                cpu_offload(module, execution_device=device)
+            else:
+                self._offload_hooks.append((module, cpu_offload_with_hook(module, execution_device=device)[1]))
+        self._offload_device = device
         return self
+
+    def _activate(self, module: nn.Module | None) -> None:
+        """Under `offload="model"`: move every other offloaded model back to the CPU before `module` runs (None:
+        all of them, when a call returns). Nothing otherwise."""
+        for other, hook in self._offload_hooks:
+            if other is not module:
+                hook.offload()
 
     def release_text_encoders(self) -> None:
         """Free the text encoders; prompts already encoded stay cached, new prompts then need `prompt_embeds`."""
         for name in self._text_encoder_names():
             setattr(self.text_pipeline, name, None)
+        self._offload_hooks = [(m, h) for m, h in self._offload_hooks if m in (self.transformer, self.vae)]
+
+    # ------------------------------------------------------------ settings
+    def settings(self, settings: FeatureSettings | None = None, **overrides: Any) -> FeatureSettings:
+        """The complete settings a call with these arguments uses: `settings` (default: this model's preset
+        defaults, see `ditf.resolve_settings`) changed by `overrides`, with the model reference, dtype and the
+        family's defaults for `guidance` and `vae_sample` filled in."""
+        if settings is None:
+            resolved = resolve_settings(self.preset, model=self.model, **overrides)
+        else:
+            resolved = settings.replace(**overrides) if overrides else settings
+        if resolved.model is not None and self.model is not None and resolved.model != self.model:
+            raise InvalidArgumentError(
+                f"these settings were resolved for model {resolved.model!r}, but this featurizer holds {self.model!r}; "
+                f"resolve them with fx.settings(...) or change `model` with settings.replace(model={self.model!r})."
+            )
+        if resolved.dtype is not None and resolved.dtype != dtype_name(self.dtype):
+            raise InvalidArgumentError(
+                f"settings.dtype={resolved.dtype!r}, but this featurizer's weights are {dtype_name(self.dtype)}; load "
+                f"the model with torch_dtype for {resolved.dtype!r} or change the settings."
+            )
+        if self.arch.noise_convention == "ddpm" and not float(resolved.t).is_integer():
+            raise InvalidArgumentError(
+                f"t={resolved.t:g}: {self.arch.family} runs integer DDPM timesteps; pass a whole number (e.g. "
+                f"{int(resolved.t)} or {int(resolved.t) + 1})."
+            )
+        filled = {"model": resolved.model or self.model, "dtype": dtype_name(self.dtype),
+                  "guidance": resolved.guidance if resolved.guidance is not None else self.arch.default_guidance(),
+                  "vae_sample": resolved.vae_sample or self.arch.default_vae_sample}
+        changed = {name: value for name, value in filled.items() if getattr(resolved, name) != value}
+        if not changed:
+            return resolved
+        sources = {**resolved.sources, **{name: f"{self.arch.family} family default" for name in changed
+                                           if name in ("guidance", "vae_sample")}}
+        return dataclasses.replace(resolved, **changed, sources=sources)
+
+    def _split_options(self, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Keyword arguments -> (settings fields, extra conditioning tensors); anything else is refused."""
+        keys = self.arch.conditioning_keys() + self.arch.optional_conditioning_keys()
+        conditioning_keys = set(keys) - {"prompt_embeds", "pooled_prompt_embeds"}
+        settings = {k: v for k, v in options.items() if k in SETTING_NAMES}
+        extra = {k: v for k, v in options.items() if k in conditioning_keys}
+        unknown = sorted(set(options) - set(settings) - set(extra))
+        if unknown:
+            check_setting_names(unknown, also=("prompt_embeds", "pooled_prompt_embeds", *sorted(conditioning_keys),
+                                               "generator", "max_batch", "progress", "settings"))
+        return settings, extra
 
     # ------------------------------------------------------------ prompts
     def encode_prompt(self, prompt: str | int | None = "") -> Conditioning:
@@ -147,14 +227,18 @@ class DiTFeaturizer:
                     f"prompt {prompt!r} is not cached and the text encoders were released; pass `prompt_embeds`."
                 )
             self._warn_truncation(prompt)
-            encoder_device = next((e.device for e in self._text_encoders()), self.device)
+            encoders = self._text_encoders()
+            encoder_device = self._offload_device or next((e.device for e in encoders), self.device)
+            self._activate(encoders[0] if len(encoders) == 1 else None)
             with torch.no_grad():
                 cond = self.arch.encode_prompt(self.text_pipeline, prompt, encoder_device)
             self._prompt_cache[key] = {k: v.detach() if torch.is_tensor(v) else v for k, v in cond.items()}
         return self._prompt_cache[key]
 
-    def _conditioning(self, prompt: str | int | None, prompt_embeds: torch.Tensor | None,
-                      pooled_prompt_embeds: torch.Tensor | None, extra: dict[str, Any]) -> Conditioning:
+    def conditioning(self, prompt: str | int | None = "", prompt_embeds: torch.Tensor | None = None,
+                     pooled_prompt_embeds: torch.Tensor | None = None, **extra: torch.Tensor) -> Conditioning:
+        """What the transformer is conditioned on: the encoded `prompt`, or the given `prompt_embeds` (with
+        `pooled_prompt_embeds` and the family's other `extra` tensors, e.g. `prompt_attention_mask`)."""
         if prompt_embeds is None:
             return {**self.encode_prompt(prompt), **extra}
         cond = {"prompt_embeds": prompt_embeds, **extra}
@@ -166,95 +250,140 @@ class DiTFeaturizer:
         return cond
 
     # ------------------------------------------------------------ features
-    def __call__(self, images: ImageInput | Sequence[ImageInput], prompt: str | int | None = "", *, t: float | None = None,
-                 block: int | None = None, ensemble: int | None = None, discard: Discard = "auto", seed: int | None = 0,
-                 generator: torch.Generator | None = None, resolution: int | None = None,
-                 size: tuple[int, int] | None = None, pad_square: bool = False, normalize: bool = True,
-                 modulate: bool = True, prompt_embeds: torch.Tensor | None = None,
-                 pooled_prompt_embeds: torch.Tensor | None = None, guidance: float | None = None,
-                 max_batch: int | None = None, vae_sample: VaeSample = "per_member", progress: bool = True,
-                 massive_ratio: float = MASSIVE_RATIO, **conditioning: Any) -> torch.Tensor | list[torch.Tensor]:
-        """DiTF features of each image: a (B, C, h, w) fp32 tensor on the CPU.
+    def __call__(self, images: ImageInput | Sequence[ImageInput], prompt: str | int | None = None, *,
+                 settings: FeatureSettings | None = None, prompt_embeds: torch.Tensor | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 max_batch: int | None = None, progress: bool = True, **options: Any) -> list[torch.Tensor]:
+        """DiTF features of each image: a list of (C, h, w) fp32 tensors on the CPU, one per image.
 
-        Images are resized with the long side to `resolution` (sides rounded to the stride) or to `size`
-        (height, width). For each image: VAE encode once, `ensemble` noise draws at timestep `t` (0..1000),
-        transformer up to block `block`, ensemble mean of the block input, discard, LayerNorm, modulation.
-        Defaults come from the model preset. `seed` makes each image's noise depend only on the seed and the
-        image (not on its place in the batch); `generator` (CPU) overrides it.
-        `vae_sample`: "per_member" draws an independent VAE posterior sample for every ensemble member
-        (the authors' procedure, from one encoder pass), "shared" one sample for all, "mode" the posterior mean.
-        If the images come out at different sizes, a list of (C, h, w) tensors is returned instead.
+        `options` are `FeatureSettings` fields (`t`, `block`, `ensemble`, `resolution`, `size`, `discard`, ...)
+        changing `settings` (default: the model preset's); see `FeatureSettings` for each. For each image: VAE
+        encode once, `ensemble` noise draws at timestep `t` (0..1000), transformer up to block `block`, ensemble
+        mean of the block input, discard, LayerNorm, modulation. `seed` makes each image's noise depend only on
+        the seed and the image (not on its place in the list); `generator` (CPU) overrides it.
         """
-        if self.vae is None:
-            raise InvalidArgumentError("this featurizer has no VAE; pass latents to `from_latents` instead of images.")
-        if vae_sample not in ("per_member", "shared", "mode"):
-            raise InvalidArgumentError(f"vae_sample={vae_sample!r} is not one of 'per_member', 'shared', 'mode'.")
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
-        ensemble = self._default("ensemble", ensemble)
-        if resolution is None and size is None:
-            resolution = self._default("resolution", None)
-        cond = self._conditioning(prompt, prompt_embeds, pooled_prompt_embeds, conditioning)
-        results = []
-        for image in tqdm(images, desc="DiTF features", unit="image", disable=not progress or len(images) < 2):
-            prepared = prepare_image(image, self.arch.stride, resolution=resolution, size=size, pad_square=pad_square)
-            rng = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
-            vae_param = next(self.vae.parameters())
-            pixels = prepared.pixels.to(self._offload_device or vae_param.device, vae_param.dtype)
-            with torch.no_grad():
-                draws = {"per_member": ensemble, "shared": 1, "mode": None}[vae_sample]
-                latents = self.arch.encode_images(pixels, draws, rng)
-            noise = torch.randn((ensemble, *latents.shape[1:]), generator=rng, dtype=torch.float32)
-            result = self.from_latents(latents, noise, t=t, block=block, guidance=guidance, discard=discard,
-                                       normalize=normalize, modulate=modulate, max_batch=max_batch,
-                                       massive_ratio=massive_ratio, _cond=cond)
-            results.append(result.features)
-        if len({tuple(r.shape) for r in results}) > 1:
-            return results
-        return torch.stack(results)
+        fields, extra = self._split_options(options)
+        if prompt is not None:
+            fields["prompt"] = prompt
+        resolved = self.settings(settings, **fields)
+        cond = self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
+        bar = dict(unit="image", disable=not progress or len(images) < 2)
+        # All images through the VAE first, then all through the transformer: under offload="model" each model
+        # moves to the device once per call.
+        latents = [self.noisy_latents(image, resolved, generator=generator) for image in tqdm(images, desc="encoding", **bar)]
+        features = [self._features(one.clean, one.noise, resolved, cond, max_batch, return_parts=False).features
+                    for one in tqdm(latents, desc="DiTF features", **bar)]
+        self._activate(None)
+        return features
+
+    def extract(self, image: ImageInput, prompt: str | int | None = None, *, settings: FeatureSettings | None = None,
+                prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, max_batch: int | None = None, return_parts: bool = False,
+                **options: Any) -> FeatureResult:
+        """DiTF features of one image with everything that describes them (`FeatureResult`: the map, the
+        discarded channels, the settings; with `return_parts` the raw block input and its AdaLN vectors)."""
+        fields, extra = self._split_options(options)
+        if prompt is not None:
+            fields["prompt"] = prompt
+        resolved = self.settings(settings, **fields)
+        cond = self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
+        latents = self.noisy_latents(image, resolved, generator=generator)
+        result = self._features(latents.clean, latents.noise, resolved, cond, max_batch, return_parts)
+        self._activate(None)
+        return result
+
+    def noisy_latents(self, image: ImageInput, settings: FeatureSettings, *,
+                      generator: torch.Generator | None = None) -> NoisyLatents:
+        """The image resized by `settings` (resolution or size, pad_square), VAE-encoded once into clean latents
+        (`settings.vae_sample`: E posterior samples, one shared sample, or the mode) and E = `settings.ensemble`
+        noise draws, all from `generator` (default: a CPU generator seeded with `settings.seed`)."""
+        if self.vae is None:
+            raise InvalidArgumentError("this featurizer has no VAE; pass latents to `from_latents` instead of images.")
+        prepared = prepare_image(image, self.arch.stride, resolution=settings.resolution, size=settings.size,
+                                 pad_square=settings.pad_square)
+        rng = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
+        vae_param = next(self.vae.parameters())
+        pixels = prepared.pixels.to(self._offload_device or vae_param.device, vae_param.dtype)
+        draws = {"per_member": settings.ensemble, "shared": 1, "mode": None}[settings.vae_sample or "per_member"]
+        self._activate(self.vae)
+        with torch.no_grad():
+            clean = self.arch.encode_images(pixels, draws, rng)
+        noise = torch.randn((settings.ensemble, *clean.shape[1:]), generator=rng, dtype=torch.float32)
+        return NoisyLatents(prepared, clean.float().cpu(), noise)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """Clean latents (1 or B, c, H, W) noised with `noise` (B, c, H, W) to timestep t (0..1000) by the
+        family's convention, on the transformer's device and in its dtype."""
+        noisy = self.arch.noise_latents(clean.float().to(self.device), noise.float().to(self.device), t)
+        return noisy.to(self.dtype)
+
+    def forward(self, noisy: torch.Tensor, t: float, cond: Conditioning, guidance: float | None = None, *,
+                until: Sequence[int] | None = None) -> dict[int, BlockInputs] | Any:
+        """Run the transformer on noisy latents (B, c, H, W) at timestep t (0..1000).
+
+        With `until` (global block indices), return what enters each of those blocks (`BlockInputs`, keyed by
+        index) and stop after the deepest one (later blocks never run); without it, run the whole model and
+        return its output.
+        """
+        self._activate(self.transformer)
+        with torch.no_grad():
+            if until is None:
+                return self.arch.run(noisy, t, cond, guidance)
+            with tap_blocks(self.arch, until) as captured:
+                run_until(lambda: self.arch.run(noisy, t, cond, guidance))
+            return captured
 
     def from_latents(self, latents: torch.Tensor, noise: torch.Tensor | None = None, *,
-                     prompt: str | int | None = "", prompt_embeds: torch.Tensor | None = None,
-                     pooled_prompt_embeds: torch.Tensor | None = None, t: float | None = None, block: int | None = None,
-                     guidance: float | None = None, discard: Discard = None, return_parts: bool = False,
-                     normalize: bool = True, modulate: bool = True, ensemble: int | None = None,
+                     settings: FeatureSettings | None = None, prompt: str | int | None = None,
+                     prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, max_batch: int | None = None,
-                     massive_ratio: float = MASSIVE_RATIO, _cond: Conditioning | None = None,
-                     **conditioning: Any) -> FeatureResult:
+                     return_parts: bool = False, **options: Any) -> FeatureResult:
         """DiTF features from clean, normalised latents (1 or E, c, H, W) and noise (E, c, H, W).
 
-        Without `noise`, `ensemble` (default: preset) draws come from `generator` (CPU). The transformer
-        runs only up to block `block`, batched `max_batch` ensemble members at a time (default: all).
-        `discard` is "auto" (the preset's verified channels, else the channels of this image's block input
-        whose median |z| is at least `massive_ratio` times the channel median), a channel list, or None.
+        `options` are `FeatureSettings` fields as in `__call__` (the image-size fields are not used). Without
+        `noise`, `settings.ensemble` draws come from `generator` (CPU). The transformer runs only up to block
+        `block`, batched `max_batch` ensemble members at a time (default: all).
         """
-        t = self._check_t(self._default("t", t))
-        block = self._default("block", block)
-        ref = self.arch.block(block)
-        cond = _cond if _cond is not None else self._conditioning(prompt, prompt_embeds, pooled_prompt_embeds, conditioning)
+        fields, extra = self._split_options(options)
+        if prompt is not None:
+            fields["prompt"] = prompt
+        if noise is not None and settings is None:
+            fields.setdefault("ensemble", noise.shape[0])
+        resolved = self.settings(settings, **fields)
+        if noise is not None and noise.shape[0] != resolved.ensemble:
+            raise InvalidArgumentError(
+                f"noise holds {noise.shape[0]} draws but ensemble={resolved.ensemble}; pass one noise draw per member."
+            )
+        cond = self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
         if latents.ndim != 4:
             raise InvalidArgumentError(f"latents must be (1 or E, c, H, W); got shape {tuple(latents.shape)}.")
         if noise is None:
-            ensemble = self._default("ensemble", ensemble)
-            noise = torch.randn((ensemble, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-        if noise.shape[1:] != latents.shape[1:] or latents.shape[0] not in (1, noise.shape[0]):
+            noise = torch.randn((resolved.ensemble, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+        result = self._features(latents, noise, resolved, cond, max_batch, return_parts)
+        self._activate(None)
+        return result
+
+    def _features(self, latents: torch.Tensor, noise: torch.Tensor, settings: FeatureSettings, cond: Conditioning,
+                  max_batch: int | None, return_parts: bool) -> FeatureResult:
+        if noise.ndim != 4 or noise.shape[1:] != latents.shape[1:] or latents.shape[0] not in (1, noise.shape[0]):
             raise InvalidArgumentError(
                 f"noise {tuple(noise.shape)} does not fit latents {tuple(latents.shape)}: noise must be (E, c, H, W) "
                 "and latents (1 or E, c, H, W) with the same c, H, W."
             )
         ensemble = noise.shape[0]
-        max_batch = max_batch or ensemble
-        if guidance is None and self.preset is not None:
-            guidance = self.preset.guidance
+        if max_batch is None:
+            max_batch = ensemble
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidArgumentError(f"max_batch={max_batch!r} must be a whole number >= 1 (None: all members at once).")
+        ref = self.arch.block(settings.block)
         total, parts = None, None
         for start in range(0, ensemble, max_batch):
             stop = min(start + max_batch, ensemble)
             clean = latents if latents.shape[0] == 1 else latents[start:stop]
-            noisy = self.arch.noise_latents(clean.float().to(self.device), noise[start:stop].float().to(self.device), t)
-            noisy = noisy.to(self.dtype)
-            with torch.no_grad(), tap_block(self.arch, ref.index) as captured:
-                run_until(lambda: self.arch.run(noisy, t, cond, guidance))
-            inputs = captured[0]
+            noisy = self.add_noise(clean, noise[start:stop], settings.t)
+            inputs = self.forward(noisy, settings.t, cond, settings.guidance, until=[ref.index])[ref.index]
             chunk_sum = inputs.image.float().sum(dim=0)
             total = chunk_sum if total is None else total + chunk_sum
             if parts is None:
@@ -262,44 +391,26 @@ class DiTFeaturizer:
         raw_tokens = total / ensemble
         h, w = self.arch.token_grid(tuple(latents.shape[-2:]))
         shift, scale, gate = (v[0].float() if v.ndim == 2 else v.float().mean(0) for v in (parts.shift, parts.scale, parts.gate))
-        channels = self._discard_channels(discard, raw_tokens, massive_ratio)
+        channels = self._discard_channels(settings, raw_tokens)
         feats = ditf_features(raw_tokens, shift.to(raw_tokens.device), scale.to(raw_tokens.device), channels,
-                              normalize=normalize, modulate=modulate)
-        result = FeatureResult(_to_map(feats, h, w), block=ref.index, t=t, discarded=channels)
+                              normalize=settings.normalize, modulate=settings.modulate)
+        result = FeatureResult(_to_map(feats, h, w), block=ref.index, t=settings.t, discarded=channels, settings=settings)
         if return_parts:
             result.raw = _to_map(raw_tokens, h, w)
             result.shift, result.scale, result.gate = (v.cpu() for v in (shift, scale, gate))
         return result
 
     # ------------------------------------------------------------ helpers
-    def _discard_channels(self, discard: Discard, raw_tokens: torch.Tensor, massive_ratio: float) -> list[int]:
+    def _discard_channels(self, settings: FeatureSettings, raw_tokens: torch.Tensor) -> list[int]:
         width = raw_tokens.shape[-1]
-        if discard is None:
+        if settings.discard is None:
             return []
-        if isinstance(discard, str):
-            if discard != "auto":
-                raise InvalidArgumentError(f"discard={discard!r}: use 'auto', a list of channel indices, or None.")
+        if settings.discard == "auto":
             known = self.preset.massive if self.preset is not None else None
             if known is not None and known.verified and max(known.channels) < width:
                 return list(known.channels)
-            return detect_ratio(raw_tokens, threshold=massive_ratio)
-        return check_channels(list(discard), width)
-
-    def _default(self, name: str, value: Any) -> Any:
-        if value is not None:
-            return value
-        if self.preset is None:
-            raise InvalidArgumentError(f"`{name}` is required: this model has no preset to take a default from.")
-        return getattr(self.preset, name)
-
-    @staticmethod
-    def _check_t(t: float) -> float:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1000:
-            raise InvalidArgumentError(
-                f"t={t!r} is outside 0..1000: timesteps are on the 0..1000 scale for every model "
-                "(DiTF uses 261 for correspondence, 90 for video)."
-            )
-        return float(t)
+            return detect_massive_channels(raw_tokens, settings.massive_ratio)
+        return sorted(check_channels(settings.discard, width, name="discard channels"))
 
     def _text_encoder_names(self) -> list[str]:
         if self.text_pipeline is None:

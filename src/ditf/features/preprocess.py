@@ -120,7 +120,9 @@ def prepare_image(image: ImageInput, stride: int, resolution: int | None = None,
         if any(int(s) <= 0 or int(s) % stride for s in size):
             raise InvalidArgumentError(f"size={tuple(size)} must be positive multiples of the model stride {stride}.")
         resized = (int(size[0]), int(size[1]))
-    elif resolution is None or resolution < stride:
+    elif resolution is None:
+        raise InvalidArgumentError("give resolution (the long image side in pixels) or size (height, width) for images.")
+    elif resolution < stride:
         raise InvalidArgumentError(f"resolution={resolution!r} must be at least the model stride {stride} pixels.")
     else:
         resized = target_size(original, resolution, stride)

@@ -25,7 +25,8 @@ from ditf.massive.detect import (
     random_k_channels,
 )
 from ditf.massive.scopes import parse_indices
-from ditf.massive.stats import channel_stats, check_channels
+from ditf.channels import check_channels
+from ditf.massive.stats import channel_stats
 
 
 class ChannelSelector(ABC):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ditf.errors import InvalidArgumentError
-from ditf.massive.stats import check_channels
+from ditf.channels import check_channels
 
 
 @dataclass(frozen=True, eq=False)

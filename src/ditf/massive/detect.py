@@ -20,16 +20,9 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
+from ditf.channels import as_token_matrix, check_channels, ratio_channels
 from ditf.errors import InvalidArgumentError
-from ditf.massive.stats import (
-    Cell,
-    ChannelStats,
-    StatsTable,
-    as_token_matrix,
-    channel_median,
-    channel_stats,
-    check_channels,
-)
+from ditf.massive.stats import Cell, ChannelStats, StatsTable, channel_stats
 
 # ---------------------------------------------------------------------------------------------
 # Channel sets
@@ -139,12 +132,7 @@ def detect_ratio(data: ChannelStats | torch.Tensor, threshold: float = 100.0) ->
     data: `ChannelStats` or activations (B, N, C) / (N, C). The test is multiplicative,
     median_abs[c] >= threshold * median(median_abs), and channels with median_abs == 0 never pass.
     """
-    if not threshold > 0:
-        raise InvalidArgumentError(f"threshold={threshold} must be > 0 (DiTF-style default 100).")
-    stats = _as_stats(data)
-    reference = channel_median(stats.median_abs)
-    massive = (stats.median_abs >= threshold * reference) & (stats.median_abs > 0)
-    return massive.nonzero().flatten().tolist()
+    return ratio_channels(_as_stats(data).median_abs, threshold)
 
 
 def detect_sun(

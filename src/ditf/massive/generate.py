@@ -17,10 +17,9 @@ from typing import Any
 from PIL import Image
 
 from ditf.errors import InvalidArgumentError
-from ditf.io import atomic_path
+from ditf.io import atomic_path, write_json_atomic
 from ditf.massive.actions import Action
 from ditf.massive.channels import ChannelSpec
-from ditf.massive.report import write_json_atomic
 from ditf.massive.scopes import BlockSpec, StepSpec
 from ditf.massive.session import intervene
 from ditf.massive.transport import Spatial, Transport, record_trajectory, seeded

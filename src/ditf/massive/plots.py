@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from ditf.errors import InvalidArgumentError
 from ditf.io import atomic_path
 from ditf.massive.clustering import ClusterMasks
-from ditf.massive.stats import check_channels
+from ditf.channels import check_channels
 
 FORMATS: tuple[str, ...] = ("png", "pdf")
 _STYLE = {

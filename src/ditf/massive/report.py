@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditf.errors import InvalidArgumentError
-from ditf.io import write_text_atomic
+from ditf.io import write_json_atomic, write_text_atomic
 from ditf.massive import plots
 from ditf.massive.detect import (
     AdalnAlignment,
@@ -40,19 +40,7 @@ _MAX_GRID_STEPS = 8
 _MAX_ALIGNMENT_ROWS = 60
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writing
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON-able `data` atomically (strict JSON: NaN and infinity are refused)."""
-    try:
-        text = json.dumps(data, indent=1, allow_nan=False)
-    except ValueError as err:
-        raise InvalidArgumentError(
-            f"cannot write {str(path)!r}: the data holds NaN or infinity ({err}). Activations probably "
-            "overflowed (e.g. in float16); record in float32 or bfloat16."
-        ) from err
-    return write_text_atomic(path, text + "\n")
+# Statistics files
 
 
 def save_stats_table(table: StatsTable, path: str | os.PathLike[str]) -> Path:
@@ -458,7 +446,6 @@ __all__ = [
     "render_markdown",
     "rule_label",
     "save_stats_table",
-    "write_json_atomic",
     "write_scan_figures",
     "write_scan_report",
     "write_text_atomic",

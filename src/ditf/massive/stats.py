@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ditf.channels import as_token_matrix, check_channels
 from ditf.errors import InvalidArgumentError
 
 STATISTICS: tuple[str, ...] = (
@@ -107,20 +108,6 @@ class ChannelStats:
 def channel_median(values: torch.Tensor) -> torch.Tensor:
     """Median over the last dimension (lower middle for even counts), e.g. (C,) -> scalar tensor."""
     return values.median(dim=-1).values
-
-
-def as_token_matrix(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """Reshape activations (B, N, C) or (N, C) to a (B*N, C) fp32 matrix; raise on any other rank."""
-    if not isinstance(x, torch.Tensor):
-        raise InvalidArgumentError(
-            f"{name} must be a torch.Tensor of shape (B, N, C) or (N, C); got {type(x).__name__}."
-        )
-    if x.ndim not in (2, 3) or x.shape[-1] == 0 or x.numel() == 0:
-        raise InvalidArgumentError(
-            f"{name} has shape {tuple(x.shape)}; expected (B, N, C) or (N, C) with N, C > 0 "
-            "(tokens x channels). Slice off text tokens and flatten spatial grids to N = h*w first."
-        )
-    return x.detach().reshape(-1, x.shape[-1]).float()
 
 
 def channel_stats(x: torch.Tensor) -> ChannelStats:
@@ -367,17 +354,3 @@ def step_profile(table: StatsTable, block: int, channels: Sequence[int], statist
     median = torch.tensor([table[(block, step)].median_all for step in steps])
     timesteps = [table.timesteps[s] for s in steps] if all(s in table.timesteps for s in steps) else None
     return StepProfile(steps, timesteps, values, median)
-
-
-def check_channels(channels: Iterable[int], num_channels: int, name: str = "channels") -> list[int]:
-    """Return `channels` as a list of ints after checking each is in [0, num_channels) and unique."""
-    channel_list = [int(c) for c in channels]
-    out_of_range = [c for c in channel_list if not 0 <= c < num_channels]
-    if out_of_range:
-        raise InvalidArgumentError(
-            f"{name} {out_of_range} are out of range; valid channel indices are 0..{num_channels - 1} "
-            f"(C={num_channels}). Check the model's hidden width."
-        )
-    if len(set(channel_list)) != len(channel_list):
-        raise InvalidArgumentError(f"{name} {channel_list} contain duplicates; list each channel once.")
-    return channel_list
