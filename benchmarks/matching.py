@@ -5,12 +5,15 @@ Run by hand (never in CI):
     .venv/bin/python benchmarks/matching.py                 # C=3072, 40x30 maps, 500x375 images
     .venv/bin/python benchmarks/matching.py --channels 768 --points 10
     .venv/bin/python benchmarks/matching.py --threads 2
+    .venv/bin/python benchmarks/matching.py --device cuda --precision float32   # float32 + re-check vs float64
 
-Each method runs in its own subprocess so that its peak resident memory (ru_maxrss) can be measured
-from a clean baseline; the baseline (interpreter, torch, the two input maps) is subtracted. Prints
-wall and CPU time (median of --repeats runs; CPU time is less sensitive to other load on the
-machine), peak extra memory, the ratios, and whether both methods
-predicted the same target pixels (near-ties within 1e-5 cosine count as agreement).
+Each method runs in its own subprocess so that its peak resident memory (ru_maxrss; on CUDA the peak
+allocated device memory) can be measured from a clean baseline; the baseline (interpreter, torch, the
+two input maps) is subtracted. Prints wall and CPU time (median of --repeats runs; CPU time is less
+sensitive to other load on the machine), peak extra memory, the ratios, and whether both methods
+predicted the same target pixels (near-ties within 1e-5 cosine count as agreement). With
+`--precision float32` the exact matcher also runs with float32 maps and a float64 re-check of
+near-ties; its time is compared with the float64 path and its predictions must be identical.
 """
 
 from __future__ import annotations
@@ -52,38 +55,59 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, t
     return src, trg, points
 
 
-def peak_rss_mb() -> float:
-    """High-water mark of this process' resident memory in MB (Linux reports KB)."""
+def peak_memory_mb(device: torch.device) -> float:
+    """High-water mark in MB of this process' resident memory (Linux reports KB), or of the memory
+    allocated on a CUDA device."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def worker(args: argparse.Namespace) -> None:
     """Run one method and print a JSON line with its timings, peak memory and predictions."""
     torch.set_num_threads(args.threads)
-    src, trg, points = make_inputs(args)
+    device = torch.device(args.device)
+    src, trg, points = (t.to(device) for t in make_inputs(args))
     size = parse_size(args.image)
-    baseline = peak_rss_mb()
-    method = match_points if args.worker == "fast" else upsample_then_match
+    if args.worker == "reference":
+        def method():
+            return upsample_then_match(src, trg, points, size, size)
+    else:
+        def method():
+            return match_points(src, trg, points, size, size, precision=args.precision)
+    # torch.unravel_index imports sympy on its first call (~45 MB, once per process): not the method's memory.
+    torch.unravel_index(torch.tensor([0]), (1,))
+    if device.type == "cuda":
+        method()  # CUDA context, cuBLAS handles and kernels are set up on the first call
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = peak_memory_mb(device)
     times, cpu_times = [], []
     for _ in range(args.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
-        predictions = method(src, trg, points, size, size)
+        predictions = method()
+        synchronize(device)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     print(json.dumps({
         "seconds": statistics.median(times),
         "cpu_seconds": statistics.median(cpu_times),
-        "peak_extra_mb": peak_rss_mb() - baseline,
+        "peak_extra_mb": peak_memory_mb(device) - baseline,
         "predictions": predictions.tolist(),
     }))
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict:
+def run_worker(name: str, args: argparse.Namespace, precision: str = "float64") -> dict:
     command = [sys.executable, __file__, "--worker", name] + [
         f"--{key}={value}" for key, value in (
             ("channels", args.channels), ("grid", args.grid), ("image", args.image),
             ("points", args.points), ("repeats", args.repeats), ("seed", args.seed),
-            ("threads", args.threads),
+            ("threads", args.threads), ("device", args.device), ("precision", precision),
         )
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -117,6 +141,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for both methods (default 1: on a shared machine, several "
                              "threads make timings depend on other processes' load)")
+    parser.add_argument("--device", default="cpu", help="torch device of both methods, e.g. cuda or cuda:1")
+    parser.add_argument("--precision", choices=["float64", "float32"], default="float64",
+                        help="float32: also run the exact matcher with float32 maps and a float64 re-check of "
+                             "near-ties, and compare it with the float64 path")
     parser.add_argument("--worker", choices=["fast", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -124,7 +152,7 @@ def main() -> None:
         return
 
     print(f"C={args.channels}, maps {args.grid}, images {args.image}, {args.points} points, "
-          f"{args.threads} threads, median of {args.repeats}")
+          f"{args.threads} threads, device {args.device}, median of {args.repeats}")
     fast = run_worker("fast", args)
     reference = run_worker("reference", args)
     speedup = reference["seconds"] / fast["seconds"]
@@ -140,6 +168,13 @@ def main() -> None:
           f"{'OK' if memory_ratio >= MEMORY_TARGET else 'MISSED'}")
     bad = disagreements(fast["predictions"], reference["predictions"], args)
     print(f"  predictions: {args.points - bad}/{args.points} agree (near-ties within 1e-5 count as agreement)")
+    if args.precision == "float32":
+        rechecked = run_worker("fast", args, precision="float32")
+        print(f"  {'exact, float32 + re-check':28s} wall {rechecked['seconds'] * 1000:9.1f} ms   "
+              f"cpu {rechecked['cpu_seconds'] * 1000:9.1f} ms   peak +{rechecked['peak_extra_mb']:8.1f} MB")
+        identical = sum(a == b for a, b in zip(rechecked["predictions"], fast["predictions"]))
+        print(f"  float64 / float32+re-check {fast['seconds'] / rechecked['seconds']:8.2f}x wall;  "
+              f"predictions identical to float64: {identical}/{args.points}")
 
 
 if __name__ == "__main__":
