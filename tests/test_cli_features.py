@@ -8,19 +8,33 @@ from ditf.cli import main
 from ditf.features.io import load_features
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
+FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--block", "21", "--t", "261", "--ensemble", "1", "--resolution", "128", "--dtype", "fp32", "--device", "cpu"]
 
 
-def test_features_writes_one_file_per_image_with_settings(flux_pipeline_dir, tmp_path):
+def test_features_writes_one_file_per_image_with_settings(flux_pipeline_dir, tmp_path, capsys):
     images = [str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg")]
     assert main(["features", *images, "--model", str(flux_pipeline_dir), "-o", str(tmp_path), *SMALL]) == 0
-    feats, settings = load_features(tmp_path / "cat1.safetensors")
+    feats, header = load_features(tmp_path / "cat1.safetensors")
     assert feats.shape == (64, 96 // 16, 128 // 16)
-    assert settings["block"] == 21 and settings["t"] == 261 and settings["discard"] == "auto"
-    assert settings["image"].endswith("cat1.jpg")
+    recorded = header.settings
+    assert recorded["settings"]["block"] == 21 and recorded["settings"]["t"] == 261 and recorded["settings"]["discard"] == "auto"
+    assert recorded["image"].endswith("cat1.jpg") and recorded["discarded"] == [11, 42]
     before = (tmp_path / "cat2.safetensors").stat().st_mtime_ns
     assert main(["features", *images, "--model", str(flux_pipeline_dir), "-o", str(tmp_path), *SMALL]) == 0
     assert (tmp_path / "cat2.safetensors").stat().st_mtime_ns == before  # same settings: kept, not recomputed
+    assert "wrote 0, skipped 2" in capsys.readouterr().out
+
+
+def test_features_of_a_dataset_tree_are_what_eval_reads(flux_pipeline_dir, tmp_path, capsys):
+    """`ditf features JPEGImages/*/*.jpg -o DIR` writes DIR/<category>/<stem>.safetensors: `--features DIR` as it is."""
+    root = FIXTURES / "spair_real"
+    images = sorted(str(p) for p in (root / "JPEGImages").glob("*/*.jpg"))
+    assert main(["features", *images, "--model", str(flux_pipeline_dir), "-o", str(tmp_path / "feats"), *SMALL,
+                 "--prompt", "a photo of a aeroplane"]) == 0
+    assert main(["eval", "spair", "--root", str(root), "--features", str(tmp_path / "feats"), "--quiet",
+                 "-o", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["benchmark"]["pairs"] == 12
 
 
 def test_match_prints_points_and_draws_the_figure(flux_pipeline_dir, tmp_path, capsys):
@@ -41,4 +55,4 @@ def test_bad_inputs_exit_with_a_message(flux_pipeline_dir, tmp_path, capsys):
     assert "flux-dev" in capsys.readouterr().err  # the known aliases are listed
     code = main(["match", str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg"), "--points", "9999,5",
                  "--model", str(flux_pipeline_dir), "-o", str(tmp_path / "m.png"), *SMALL])
-    assert code == 2 and "outside the source image" in capsys.readouterr().err
+    assert code == 2 and "--points [[9999, 5]] lie outside" in capsys.readouterr().err

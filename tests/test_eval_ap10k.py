@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 from ditf.cli import main
 from ditf.errors import DatasetError, InvalidArgumentError
 from ditf.eval.ap10k import load_ap10k
-from ditf.eval.harness import evaluate, protocol_for
-from ditf.eval.sources import FeatureFolder
+from ditf.eval import evaluate_ap10k
 
 # 90x60 images, 6x4 feature grids (stride 15): cell (row, col) is centred on pixel (15 col + 7, 15 row + 7).
 GRID, WIDTH, HEIGHT, KEYPOINTS = (4, 6), 90, 60, 17
@@ -86,7 +85,7 @@ def test_subsets_read_their_pair_folders_with_mutually_visible_keypoints(ap_tree
 def test_scores_use_the_target_box_max_side(ap_tree):
     root, features = ap_tree
     dataset = load_ap10k(root, "intra-species")
-    results = evaluate(dataset, FeatureFolder(features), protocol_for(dataset), progress=False)
+    results = evaluate_ap10k(root, features=features, subset="intra-species", progress=False)
     pair = results["pairs"][dataset.pairs[0].name]
     assert pair["pred_trg_kps"] == [centre(2, 1), centre(2, 4)]
     # 15 px off for keypoint 2 against 0.1 * 80 = 8 px: one of two correct.

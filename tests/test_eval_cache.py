@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,25 +11,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import ditf
 from ditf.cli import main
 from ditf.errors import DatasetError, InvalidArgumentError
+from ditf.eval import DiTFExtractor, evaluate_spair
 from ditf.eval.cache import CorruptCacheEntryWarning
-from ditf.eval.harness import (
-    VARIANTS,
-    baseline_extractor_from_args,
-    evaluate,
-    extract_shard,
-    extractor_from_args,
-    featurizer_kwargs,
-    parse_shard,
-    protocol_for,
-    shard_images,
-)
 from ditf.eval.keypoints import ImageRecord
-from ditf.io import write_json_atomic
-from ditf.eval.sources import CachedExtractor, FeatureFolder, PromptPolicy
+from ditf.eval.prompts import PromptPolicy
+from ditf.eval.protocol import protocol_for
+from ditf.eval.scoring import score_pairs
+from ditf.eval.sharding import extract_shard, parse_shard, shard_images
+from ditf.eval.sources import CachedExtractor, FeatureFolder
 from ditf.eval.spair import load_spair
+from ditf.io import write_json_atomic
+from ditf.settings import VARIANTS
 
 REAL = Path(__file__).parent / "fixtures" / "spair_real"
 EXPECTED = json.loads((REAL / "expected_pck.json").read_text())
@@ -38,11 +31,17 @@ SETTINGS = {"model": "fixture", "block": 28, "t": 261.0}
 
 
 class FixtureFeatures:
-    """An extract_fn that serves the fixture's precomputed maps and records its calls."""
+    """An extractor that serves the fixture's precomputed maps and records its calls."""
 
-    def __init__(self, fail_after: int | None = None):
+    prompt_mode = "empty"
+
+    def __init__(self, fail_after: int | None = None, settings: dict | None = None):
         self.calls: list[tuple[str, str]] = []
         self.fail_after = fail_after
+        self.settings = settings or SETTINGS
+
+    def describe(self) -> dict:
+        return self.settings
 
     def __call__(self, image_path: Path, prompt: str) -> torch.Tensor:
         if self.fail_after is not None and len(self.calls) == self.fail_after:
@@ -57,7 +56,7 @@ def dataset():
 
 
 def score(dataset, source) -> float:
-    return evaluate(dataset, source, protocol_for(dataset), progress=False)["all_per_point"]
+    return score_pairs(dataset, source, protocol_for(dataset), progress=False)["all_per_point"]
 
 
 def cache_entries(cache: Path) -> list[Path]:
@@ -66,24 +65,24 @@ def cache_entries(cache: Path) -> list[Path]:
 
 def test_each_image_is_extracted_once_and_a_new_run_reuses_the_cache(dataset, tmp_path):
     first = FixtureFeatures()
-    assert score(dataset, CachedExtractor(first, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert score(dataset, CachedExtractor(first, tmp_path)) == EXPECTED["all_per_point"]
     assert len(first.calls) == 4 and len(cache_entries(tmp_path)) == 4
     second = FixtureFeatures()
-    assert score(dataset, CachedExtractor(second, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert score(dataset, CachedExtractor(second, tmp_path)) == EXPECTED["all_per_point"]
     assert second.calls == []
 
 
 def test_a_killed_run_resumes_with_only_complete_entries(dataset, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
-        score(dataset, CachedExtractor(FixtureFeatures(fail_after=2), tmp_path, SETTINGS))
+        score(dataset, CachedExtractor(FixtureFeatures(fail_after=2), tmp_path))
     assert len(cache_entries(tmp_path)) == 2 and not list(tmp_path.rglob("*.tmp"))
     resumed = FixtureFeatures()
-    assert score(dataset, CachedExtractor(resumed, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+    assert score(dataset, CachedExtractor(resumed, tmp_path)) == EXPECTED["all_per_point"]
     assert len(resumed.calls) == 2
 
 
 def test_truncated_or_altered_entries_are_detected_and_recomputed(dataset, tmp_path):
-    score(dataset, CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS))
+    score(dataset, CachedExtractor(FixtureFeatures(), tmp_path))
     truncated, altered = cache_entries(tmp_path)[:2]
     truncated.write_bytes(truncated.read_bytes()[:-100])
     data = bytearray(altered.read_bytes())
@@ -91,7 +90,7 @@ def test_truncated_or_altered_entries_are_detected_and_recomputed(dataset, tmp_p
     altered.write_bytes(bytes(data))
     again = FixtureFeatures()
     with pytest.warns(CorruptCacheEntryWarning, match="will be recomputed"):
-        assert score(dataset, CachedExtractor(again, tmp_path, SETTINGS)) == EXPECTED["all_per_point"]
+        assert score(dataset, CachedExtractor(again, tmp_path)) == EXPECTED["all_per_point"]
     assert len(again.calls) == 2
 
 
@@ -100,18 +99,19 @@ def test_the_key_covers_image_content_settings_and_prompt(tmp_path):
     image_path.parent.mkdir()
     Image.new("RGB", (8, 8)).save(image_path)
     image = ImageRecord(path=image_path, group="cat", size=(8, 8))
-    base = CachedExtractor(FixtureFeatures(), tmp_path / "cache", SETTINGS)
+    base = CachedExtractor(FixtureFeatures(), tmp_path / "cache")
     key = base.key_for(image)
-    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", {**SETTINGS, "t": 90.0}).key_for(image) != key
-    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", SETTINGS, PromptPolicy("class")).key_for(image) != key
+    other_t = FixtureFeatures(settings={**SETTINGS, "t": 90.0})
+    assert CachedExtractor(other_t, tmp_path / "cache").key_for(image) != key
+    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", PromptPolicy("class")).key_for(image) != key
     Image.new("RGB", (8, 8), color=(200, 30, 0)).save(image_path)  # same name, new content
-    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache", SETTINGS).key_for(image) != key
+    assert CachedExtractor(FixtureFeatures(), tmp_path / "cache").key_for(image) != key
 
 
 def test_half_precision_storage_returns_identical_maps_when_resumed(dataset, tmp_path):
     image = dataset.images()[0]
-    fresh = CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS, storage_dtype=torch.float16).load(image)
-    resumed = CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS, storage_dtype=torch.float16).load(image)
+    fresh = CachedExtractor(FixtureFeatures(), tmp_path, storage_dtype=torch.float16).load(image)
+    resumed = CachedExtractor(FixtureFeatures(), tmp_path, storage_dtype=torch.float16).load(image)
     assert fresh.dtype == torch.float16 and torch.equal(fresh, resumed)
 
 
@@ -135,10 +135,14 @@ def test_feature_folder_names_missing_and_malformed_files(dataset, tmp_path):
         score(dataset, folder)
 
 
+class Batched(FixtureFeatures):
+    def __call__(self, image_path: Path, prompt: str) -> torch.Tensor:
+        return torch.zeros(1, 4, 2, 2)
+
+
 def test_extractor_output_is_checked(dataset, tmp_path):
-    batched = CachedExtractor(lambda path, prompt: torch.zeros(1, 4, 2, 2), tmp_path, SETTINGS)
     with pytest.raises(DatasetError, match="extractor output .* shape \\(1, 4, 2, 2\\)"):
-        batched.load(dataset.images()[0])
+        CachedExtractor(Batched(), tmp_path).load(dataset.images()[0])
 
 
 def test_shards_partition_the_images_and_scoring_waits_for_all_of_them(dataset, tmp_path, monkeypatch):
@@ -155,12 +159,12 @@ def test_shards_partition_the_images_and_scoring_waits_for_all_of_them(dataset, 
     assert sorted(image.key for shard in shards for image in shard) == sorted(image.key for image in images)
 
     first = FixtureFeatures()
-    summary = extract_shard(dataset, CachedExtractor(first, tmp_path, SETTINGS), (0, 2), progress=False)
+    summary = extract_shard(dataset, CachedExtractor(first, tmp_path), (0, 2), progress=False)
     assert summary == {"shard": "0/2", "images": 2, "extracted": 2, "missing_in_dataset": 2}
-    scorer = CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS, cache_only=True)
+    scorer = CachedExtractor(FixtureFeatures(), tmp_path, cache_only=True)
     with pytest.raises(DatasetError, match="2 of 4 images have no features .* every --shard i/n"):
         score(dataset, scorer)
-    extract_shard(dataset, CachedExtractor(FixtureFeatures(), tmp_path, SETTINGS), (1, 2), progress=False)
+    extract_shard(dataset, CachedExtractor(FixtureFeatures(), tmp_path), (1, 2), progress=False)
     assert score(dataset, scorer) == EXPECTED["all_per_point"]
 
 
@@ -175,70 +179,78 @@ class FakeFeaturizer:
         cls.loads.append((model, kwargs))
         return cls()
 
-    def __call__(self, images, prompt="", **kwargs):
-        self.calls.append({"image": Path(images[0]), "prompt": prompt, **kwargs})
-        with Image.open(images[0]) as image:
-            size = image.size
-        if size[0] == size[1]:  # the square-padded image of --protocol geoaware
-            return torch.ones(1, 8, 4, 4)
-        return load_file(REAL / "features" / "aeroplane" / f"{Path(images[0]).stem}.safetensors")["features"][None]
+    def extract(self, image, settings):
+        self.calls.append({"image": image, "settings": settings})
+        if isinstance(image, Image.Image):  # the square-padded image of --protocol geoaware
+            assert image.size[0] == image.size[1]
+            return FakeResult(torch.ones(8, 4, 4))
+        return FakeResult(load_file(REAL / "features" / "aeroplane" / f"{Path(image).stem}.safetensors")["features"])
+
+
+class FakeResult:
+    def __init__(self, features):
+        self.features = features
 
 
 @pytest.fixture
 def fake_featurizer(monkeypatch):
+    import ditf.features.featurizer
+
     FakeFeaturizer.loads, FakeFeaturizer.calls = [], []
-    monkeypatch.setattr(ditf, "DiTFeaturizer", FakeFeaturizer, raising=False)
+    monkeypatch.setattr(ditf.features.featurizer, "DiTFeaturizer", FakeFeaturizer)
     return FakeFeaturizer
 
 
-def model_args(tmp_path: Path, **overrides) -> argparse.Namespace:
-    options = {"model": "tiny-model", "variant": "raw", "block": 3, "t": 261.0, "ensemble": 2, "resolution": None,
-               "seed": 0, "dtype": "fp32", "device": "cpu", "prompt_mode": "class", "captions": None,
-               "cache": str(tmp_path / "cache"), "cache_dtype": None, "cache_only": False, "protocol": "ditf",
-               "pad_size": 840}
-    return argparse.Namespace(**{**options, **overrides})
-
-
-def test_extractor_from_args_loads_the_model_lazily_with_the_variant_settings(dataset, tmp_path, fake_featurizer):
-    extractor = extractor_from_args(model_args(tmp_path))
-    assert fake_featurizer.loads == []
-    extractor.load(dataset.images()[0])
-    extractor.load(dataset.images()[1])
-    assert fake_featurizer.loads == [("tiny-model", {"torch_dtype": torch.float32, "device": "cpu", "block": 3})]
-    call = fake_featurizer.calls[0]
-    assert call["prompt"] == "a photo of a aeroplane"
-    assert {k: call[k] for k in ("normalize", "modulate", "discard", "block", "t", "ensemble", "seed")} == {
-        "normalize": False, "modulate": False, "discard": None, "block": 3, "t": 261.0, "ensemble": 2, "seed": 0}
-    assert extractor_from_args(model_args(tmp_path, cache_only=True)).available(dataset.images()[0])
+def test_the_model_is_loaded_lazily_up_to_the_block_with_the_variant_settings(dataset, tmp_path, fake_featurizer):
+    extractor = DiTFExtractor("tiny-model", task="spair", variant="raw", block=3, t=261, ensemble=2, resolution=64,
+                              dtype="fp32", device="cpu")
+    source = CachedExtractor(extractor, tmp_path, PromptPolicy(extractor.prompt_mode))
+    assert fake_featurizer.loads == [] and extractor.prompt_mode == "class"
+    source.load(dataset.images()[0])
+    source.load(dataset.images()[1])
+    assert fake_featurizer.loads == [("tiny-model", {"torch_dtype": torch.float32, "device": "cpu", "block": 3,
+                                                     "offload": None, "config": None, "variant": None})]
+    settings = fake_featurizer.calls[0]["settings"]
+    assert settings.prompt == "a photo of a aeroplane"
+    assert (settings.normalize, settings.modulate, settings.discard, settings.variant) == (False, False, None, "raw")
+    assert (settings.block, settings.t, settings.ensemble, settings.seed, settings.dtype) == (3, 261.0, 2, 0, "fp32")
+    cached_only = CachedExtractor(extractor, tmp_path, PromptPolicy("class"), cache_only=True)
+    assert cached_only.available(dataset.images()[0]) and not cached_only.available(dataset.images()[2])
 
 
 def test_variants_and_preset_defaults():
     assert VARIANTS["ditf"] == {"normalize": True, "modulate": True, "discard": "auto"}
     assert VARIANTS["ln"] == {"normalize": True, "modulate": False, "discard": None}
     assert VARIANTS["adaln"] == {"normalize": True, "modulate": True, "discard": None}
-    flux = featurizer_kwargs(argparse.Namespace(model="flux-dev", variant="ditf", block=None, t=None, ensemble=None,
-                                                resolution=None, seed=0))
-    assert {k: flux[k] for k in ("block", "t", "ensemble", "resolution")} == {"block": 28, "t": 261.0, "ensemble": 8,
-                                                                              "resolution": 640}
+    flux = DiTFExtractor("flux-dev", task="spair", device="cpu").describe()
+    assert {k: flux[k] for k in ("block", "t", "ensemble", "resolution", "guidance", "dtype", "variant")} == {
+        "block": 28, "t": 261.0, "ensemble": 8, "resolution": 640, "guidance": 3.5, "dtype": "fp32", "variant": "ditf"}
 
 
 def test_baselines_key_the_cache_with_their_settings_and_published_prompt_mode(tmp_path):
-    args = model_args(tmp_path, baseline="dinov2-b14", prompt_mode=None, dtype=None)
-    extractor = baseline_extractor_from_args(args)  # nothing is loaded until a feature is missing
-    assert extractor.prompts.mode == "empty"
-    assert {k: extractor.settings[k] for k in ("baseline", "model", "resolution")} == {
+    from ditf.baselines import BaselineExtractor
+
+    extractor = BaselineExtractor("dinov2-b14")  # nothing is loaded until a feature is missing
+    assert extractor.prompt_mode == "empty"
+    assert {k: extractor.describe()[k] for k in ("baseline", "model", "resolution")} == {
         "baseline": "dinov2-b14", "model": "facebook/dinov2-base", "resolution": 840}
 
 
 def test_geoaware_extraction_sees_the_square_padded_image(dataset, tmp_path, fake_featurizer):
-    extractor = extractor_from_args(model_args(tmp_path, protocol="geoaware", pad_size=64))
-    assert extractor.load(dataset.images()[0]).shape == (8, 4, 4)
-    assert extractor.settings["frame"] == "square_pad_64"
+    extractor = DiTFExtractor("tiny-model", block=3, t=261, ensemble=1, resolution=64, device="cpu")
+    with pytest.raises(DatasetError, match="h == w"):  # the fixture's maps are not square: only a padded image is
+        evaluate_spair(REAL, features=REAL / "features", protocol="geoaware", progress=False)
+    results = evaluate_spair(REAL, extractor=extractor, protocol="geoaware", pad_size=64, cache_dir=tmp_path,
+                             progress=False)
+    assert results["settings"]["frame"] == "square_pad_64"
+    assert all(isinstance(call["image"], Image.Image) and call["image"].size == (64, 64)
+               for call in fake_featurizer.calls)
 
 
 def test_cli_shards_then_scores_from_the_cache(tmp_path, fake_featurizer, capsys):
     base = ["eval", "spair", "--root", str(REAL), "--model", "tiny-model", "--block", "3", "--t", "261",
-            "--ensemble", "1", "--dtype", "fp32", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--quiet"]
+            "--ensemble", "1", "--resolution", "64", "--dtype", "fp32", "--device", "cpu",
+            "--cache", str(tmp_path / "cache"), "--quiet"]
     assert main(base + ["--shard", "0/2"]) == 0
     assert '"missing_in_dataset": 2' in capsys.readouterr().out
     assert main(base + ["--cache-only", "--output", str(tmp_path / "r.json")]) == 2
@@ -249,6 +261,25 @@ def test_cli_shards_then_scores_from_the_cache(tmp_path, fake_featurizer, capsys
     assert results["all_per_point"] == EXPECTED["all_per_point"]
     assert results["settings"]["model"] == "tiny-model" and results["settings"]["variant"] == "ditf"
     assert len(fake_featurizer.loads) == 2  # one per shard process; the scoring run never loads the model
+
+
+def test_merged_shards_of_a_real_model_score_exactly_as_one_run(flux_pipeline_dir, tmp_path):
+    """Two shards filled separately, then scored from the cache, give the single run's results to the last bit."""
+    extractor = DiTFExtractor(str(flux_pipeline_dir), block=20, t=261, ensemble=1, resolution=128, dtype="fp32",
+                              device="cpu")
+    single = evaluate_spair(REAL, extractor=extractor, cache_dir=tmp_path / "single", progress=False)
+    for shard in ("0/2", "1/2"):
+        summary = evaluate_spair(REAL, extractor=extractor, cache_dir=tmp_path / "sharded", shard=shard, progress=False)
+        assert summary["shard"] == shard and summary["extracted"] == 2
+    merged = evaluate_spair(REAL, extractor=extractor, cache_dir=tmp_path / "sharded", cache_only=True, progress=False)
+    assert {k: v for k, v in merged.items() if k != "settings"} == {k: v for k, v in single.items() if k != "settings"}
+    assert merged["pairs"] != json.loads((REAL / "expected_pck.json").read_text())["pairs"]  # a real model, not the fixture
+
+
+def test_scoring_in_worker_processes_gives_the_same_results(dataset):
+    one = score_pairs(dataset, FeatureFolder(REAL / "features"), protocol_for(dataset), progress=False)
+    two = score_pairs(dataset, FeatureFolder(REAL / "features"), protocol_for(dataset), workers=2, progress=False)
+    assert two == one and one["all_per_point"] == EXPECTED["all_per_point"]
 
 
 def test_results_are_written_atomically(tmp_path):

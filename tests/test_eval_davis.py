@@ -329,7 +329,7 @@ def short_davis(synthetic_davis, tmp_path) -> Path:
 def test_cli_davis_propagates_then_scores_with_a_tiny_flux(short_davis, flux_pipeline_dir, tmp_path):
     output = tmp_path / "davis_out"
     argv = ["eval", "davis", "--root", str(short_davis), "--model", str(flux_pipeline_dir), "--output", str(output)]
-    model = ["--block", "21", "--dtype", "fp32", "--device", "cpu", "--short-side", "64", "--quiet"]
+    model = ["--block", "21", "--t", "90", "--dtype", "fp32", "--device", "cpu", "--short-side", "64", "--quiet"]
     assert main(argv + model) == 0
     assert len(list((output / "blackswan").glob("*.png"))) == 4
     scores = json.loads((output / "jf.json").read_text())

@@ -14,9 +14,8 @@ from safetensors.torch import save_file
 
 from ditf.cli import main
 from ditf.errors import DatasetError
-from ditf.eval.harness import evaluate, protocol_for
+from ditf.eval import evaluate_pfpascal
 from ditf.eval.pfpascal import load_pfpascal
-from ditf.eval.sources import FeatureFolder
 
 # 90x60 images with 6x4 feature grids: stride 15, so cell (row, col) is centred on pixel (15 col + 7, 15 row + 7).
 # Matches sit in inner cells: on border cells PyTorch's clamping makes several pixels tie.
@@ -82,7 +81,7 @@ def test_loader_reads_weakalign_rows(pf_tree):
 def test_scores_against_the_image_size_at_pf_pascal_alphas(pf_tree):
     root, features = pf_tree
     dataset = load_pfpascal(root)
-    results = evaluate(dataset, FeatureFolder(features), protocol_for(dataset), progress=False)
+    results = evaluate_pfpascal(root, features=features, progress=False)
     assert [results["pairs"][p.name]["pred_trg_kps"] for p in dataset.pairs] == [[[22, 22], [67, 37]], [[52, 22]]]
     # alpha 0.1 of the 90 px image side = 9 px: errors 0 and 5 pass, 12 fails.
     assert results["per_category"]["aeroplane"]["per_point"] == 100.0 and results["per_category"]["dog"]["per_point"] == 0.0
@@ -95,7 +94,7 @@ def test_bbox_threshold_reads_the_object_boxes(pf_tree):
     root, features = pf_tree
     dataset = load_pfpascal(root, with_boxes=True)
     assert dataset.pairs[0].target_bbox == (10.0, 5.0, 80.0, 55.0)
-    results = evaluate(dataset, FeatureFolder(features), protocol_for(dataset, threshold="bbox"), progress=False)
+    results = evaluate_pfpascal(root, features=features, threshold="bbox", progress=False)
     # box max side 70 px: 0.05 -> 3.5 px fails the 5 px error, 0.15 -> 10.5 px fails the 12 px error.
     assert results["by_alpha"]["0.05"]["all_per_point"] == 100 / 3
     assert results["by_alpha"]["0.15"]["all_per_point"] == 200 / 3
@@ -111,7 +110,7 @@ def test_loader_names_missing_files_and_bad_rows(pf_tree):
     with pytest.raises(DatasetError, match="row 2 has class 21; expected 1..20"):
         load_pfpascal(root)
     csv_path.write_text(HEADER + "PF-dataset-PASCAL/JPEGImages/a1.jpg,PF-dataset-PASCAL/JPEGImages/a2.jpg,1,95,1,1,1\n")
-    with pytest.raises(DatasetError, match="source keypoints: keypoints \\[\\[95.0, 1.0\\]\\] lie outside the 90x60"):
+    with pytest.raises(DatasetError, match="source keypoints \\[\\[95, 1\\]\\] lie outside the 90x60"):
         load_pfpascal(root)
     csv_path.write_text(good)
     (root / "JPEGImages" / "d2.jpg").unlink()

@@ -1,4 +1,4 @@
-"""`ditf massive scan` and `ditf generate`, end to end on a saved tiny FluxPipeline folder (2 steps, 64x64)."""
+"""`ditf massive scan | disrupt | guide | transport` end to end on a saved tiny FluxPipeline folder (2 steps, 64x64)."""
 
 import json
 import re
@@ -14,7 +14,7 @@ SMALL = ["--height", "64", "--width", "64", "--seed", "0"]
 
 def test_scan_of_a_generation_writes_report_statistics_and_figures(flux_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "ma_report"
-    code = main(["massive", "scan", "--model", str(flux_pipeline_dir), "--prompt", "a corgi on a beach", "--steps", "2",
+    code = main(["massive", "scan", "--model", str(flux_pipeline_dir), "--prompt", "a corgi on a beach", "--num-inference-steps", "2",
                  *SMALL, "--plot-blocks", "28", "--rule", "ratio", "--rule", "topk:2", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "massive_report.json").read_text())
@@ -45,16 +45,15 @@ def test_scan_of_one_noised_image(flux_pipeline_dir, tmp_path, capsys):
     assert (out / "figures" / "cluster_masks_step0.png").is_file()
 
 
-def test_generate_with_disruption_detail_guidance_and_transport_records_every_intervention(flux_pipeline_dir, tmp_path, capsys):
-    target = tmp_path / "corgi_tiger.png"
-    code = main(["generate", "--model", str(flux_pipeline_dir), "--prompt", "a corgi", "--steps", "2", *SMALL,
-                 "--disrupt", "11,42@0-3", "--detail-guidance", "2.0", "--dg-layer", "10",
-                 "--transport-from", "a tiger", "--transport-layers", "5-20", "-o", str(target)])
-    assert code == 0, capsys.readouterr().err
-    assert Image.open(target).size == (64, 64)
-    record = json.loads(target.with_suffix(".json").read_text())
-    assert record["image"] == "corgi_tiger.png" and record["transport_source"]["prompt"] == "a tiger"
-    edit, guidance, transport = record["interventions"]
+def test_interventions_combine_in_python_and_every_one_is_recorded(pipe):
+    from ditf.massive import DetailGuidance, Edit, ZeroOp
+    from ditf.massive.generate import TransportPlan, generate
+
+    result = generate(pipe, "a corgi", actions=[Edit(ZeroOp(), [11, 42], blocks="0-3"), DetailGuidance(10, 2.0)],
+                      transport=TransportPlan("a tiger", blocks="5-20"), num_inference_steps=2, height=64, width=64,
+                      progress=False)
+    assert result.image.size == (64, 64) and result.record["transport_source"]["prompt"] == "a tiger"
+    edit, guidance, transport = result.record["interventions"]
     assert edit["channels"] == {"selector": "explicit", "channels": [11, 42]} and edit["blocks"] == "0-3"
     assert {(e["block"], e["step"], e["branch"]) for e in edit["log"]} == {
         (b, s, branch) for b in range(4) for s in (0, 1) for branch in ("cond", "detail")}
@@ -62,10 +61,26 @@ def test_generate_with_disruption_detail_guidance_and_transport_records_every_in
     assert transport["action"] == "Transport" and transport["blocks"] == "5-20" and transport["applied"] == 16 * 2 * 2
 
 
-def test_generate_with_auto_disruption_everywhere(flux_pipeline_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", [
+    ["disrupt", "--channels", "11,42", "--blocks", "0-3"],
+    ["guide", "--weight", "2.0", "--blocks", "10"],
+    ["transport", "--source-prompt", "a tiger", "--blocks", "5-20"],
+])
+def test_each_intervention_command_writes_the_image_and_its_record(flux_pipeline_dir, tmp_path, capsys, command):
+    target = tmp_path / "out.png"
+    code = main(["massive", *command, "--model", str(flux_pipeline_dir), "--prompt", "a corgi",
+                 "--num-inference-steps", "2", *SMALL, "-o", str(target)])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(target).size == (64, 64)
+    (action,) = json.loads(target.with_suffix(".json").read_text())["interventions"]
+    assert action["action"] == {"disrupt": "Edit", "guide": "DetailGuidance", "transport": "Transport"}[command[0]]
+
+
+def test_auto_disruption_everywhere(flux_pipeline_dir, tmp_path, capsys):
     target = tmp_path / "broken.png"
-    code = main(["generate", "--model", str(flux_pipeline_dir), "--prompt", "a corgi", "--steps", "2", *SMALL,
-                 "--disrupt", "auto@all", "--op", "scale:0.5", "-o", str(target)])
+    code = main(["massive", "disrupt", "--model", str(flux_pipeline_dir), "--prompt", "a corgi",
+                 "--num-inference-steps", "2", *SMALL, "--channels", "auto", "--blocks", "all", "--op", "scale:0.5",
+                 "-o", str(target)])
     assert code == 0, capsys.readouterr().err
     record = json.loads(target.with_suffix(".json").read_text())
     (edit,) = record["interventions"]
@@ -74,15 +89,13 @@ def test_generate_with_auto_disruption_everywhere(flux_pipeline_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dg-layer", "10"], "--detail-guidance W and --dg-layer M go together"),
-    (["--transport-layers", "5-20"], "--transport-layers only apply together with --transport-from"),
-    (["--op", "zero"], "--op only apply together with --disrupt"),
-    (["--disrupt", "auto@29"], r"block=29 is out of range .* 0\.\.28"),
-    (["--disrupt", "99@0"], r"\[99\] are out of range; valid channel indices are 0\.\.63"),
+    (["guide", "--weight", "2", "--blocks", "10,11"], "Detail Guidance disrupts one block m"),
+    (["disrupt", "--blocks", "29"], r"block=29 is out of range .* 0\.\.28"),
+    (["disrupt", "--channels", "99", "--blocks", "0"], r"\[99\] are out of range; valid channel indices are 0\.\.63"),
 ])
-def test_generate_refuses_bad_options_with_a_clear_message(flux_pipeline_dir, tmp_path, capsys, argv, message):
-    code = main(["generate", "--model", str(flux_pipeline_dir), "--prompt", "a corgi", "--steps", "1", *SMALL, *argv,
-                 "-o", str(tmp_path / "x.png")])
+def test_interventions_refuse_bad_options_with_a_clear_message(flux_pipeline_dir, tmp_path, capsys, argv, message):
+    code = main(["massive", *argv, "--model", str(flux_pipeline_dir), "--prompt", "a corgi",
+                 "--num-inference-steps", "1", *SMALL, "-o", str(tmp_path / "x.png")])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.png").exists()
@@ -92,4 +105,4 @@ def test_scan_needs_a_full_pipeline_and_t_only_with_an_image(flux_pipeline_dir, 
     code = main(["massive", "scan", "--model", str(flux_pipeline_dir / "transformer"), "--prompt", "a", "-o", str(tmp_path)])
     assert code == 2 and "is a bare transformer" in capsys.readouterr().err
     code = main(["massive", "scan", "--model", str(flux_pipeline_dir), "--t", "261", "-o", str(tmp_path)])
-    assert code == 2 and "t applies to single-image scans" in capsys.readouterr().err
+    assert code == 2 and "--t only apply together with --image" in capsys.readouterr().err

@@ -90,9 +90,11 @@ TASK_DEFAULTS: Mapping[str, TaskPreset] = MappingProxyType({
     "ap10k": _CORRESPONDENCE,
     "davis": TaskPreset(
         _DITF_DAVIS + ": one noise draw, the prompt 'a photo of a image' (sic), frames with short side 960 and the "
-        "long side floored to a multiple of 32",
+        "long side floored to a multiple of 32; DINO's label propagation with the first frame plus 7 previous "
+        "frames, window radius 12 cells, top-5, temperature 0.1 (eval_davis.py defaults)",
         settings={"ensemble": 1, "prompt": "a photo of a image"},
-        protocol={"short_side": 960, "size_multiple": 32},
+        protocol={"short_side": 960, "size_multiple": 32, "n_last_frames": 7, "neighborhood_radius": 12, "topk": 5,
+                  "temperature": 0.1},
     ),
 })
 """Defaults of each task for every model (the protocol as published, model-agnostic parts only)."""

@@ -2,14 +2,13 @@
 
 Each baseline has the call convention of `DiTFeaturizer`, `fx(images, prompt=..., seed=..., resolution=...)
 -> (B, C, h, w)`, and a `settings()` dict for results files. `BASELINES` names them with their hub ids,
-defaults and where those come from; `BaselineExtractor` is the harness's `extract_fn(image_path, prompt)`
-that loads the model only when a feature is first needed.
+defaults and where those come from; `BaselineExtractor` is an evaluation `Extractor` (`(image, prompt) -> (C, h, w)`
+with `describe()` and `prompt_mode`) that loads the model only when a feature is first needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from ditf.baselines.dift import DIFT_HUB_ID, DiftFeaturizer, DiftSettings, with_overrides
 from ditf.baselines.dinov2 import Dinov2Featurizer, Dinov2Settings
 from ditf.errors import InvalidArgumentError
+from ditf.features.preprocess import ImageInput
 
 BaselineFeaturizer = Union[DiftFeaturizer, Dinov2Featurizer]
 
@@ -25,7 +25,7 @@ BaselineFeaturizer = Union[DiftFeaturizer, Dinov2Featurizer]
 class Baseline:
     """A named baseline: which extractor, which weights, its default settings, prompt mode and provenance.
 
-    `prompt_mode` is the harness prompt policy the published numbers used ("class": "a photo of a
+    `prompt_mode` is the evaluation prompt policy the published numbers used ("class": "a photo of a
     {category}"; "empty": the extractor ignores prompts).
     """
 
@@ -94,15 +94,17 @@ def baseline_from_name(name: str, torch_dtype: torch.dtype | None = None, device
 
 
 class BaselineExtractor:
-    """`extract_fn(image_path, prompt) -> (C, h, w)` for the harness, loading the baseline on first use.
+    """An evaluation `Extractor` for baseline `name`: `(image, prompt) -> (C, h, w)`, loading the model on first use.
 
-    `settings` (available without loading) is the JSON-able dict to key the cache with and to report.
+    `describe()` (available without loading) is the JSON-able dict to key the cache with and to report.
     """
 
     def __init__(self, name: str, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  model: str | None = None, **overrides: Any):
+        self.name = name
         self.settings = baseline_settings(name, model, torch_dtype, **overrides)
         self.prompt_mode = get_baseline(name).prompt_mode
+        self.device = str(device) if device is not None else "cpu"
         self._load = lambda: baseline_from_name(name, torch_dtype, device, model, **overrides)
         self._featurizer: BaselineFeaturizer | None = None
 
@@ -113,9 +115,13 @@ class BaselineExtractor:
             self._featurizer = self._load()
         return self._featurizer
 
-    def __call__(self, image_path: str | Path, prompt: str = "") -> torch.Tensor:
-        """Feature map (C, h, w), fp32 on the CPU, of the image at `image_path` under this baseline's settings."""
-        return self.featurizer([Path(image_path)], prompt=prompt, progress=False)[0]
+    def describe(self) -> dict:
+        """The baseline's name and settings (JSON values)."""
+        return {"baseline": self.name, **self.settings}
+
+    def __call__(self, image: ImageInput, prompt: str = "") -> torch.Tensor:
+        """Feature map (C, h, w), fp32 on the CPU, of `image` (a path or PIL image) under this baseline's settings."""
+        return self.featurizer([image], prompt=prompt, progress=False)[0]
 
 
 __all__ = ["BASELINES", "Baseline", "BaselineExtractor", "BaselineFeaturizer", "DIFT_HUB_ID", "DiftFeaturizer",

@@ -19,12 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ditf.cli import massive as massive_cli
     from ditf.cli import smoke as smoke_cli
 
-    from ditf import __version__
+    from ditf.versions import ditf_version
 
     parser = argparse.ArgumentParser(
         prog="ditf", description="Dense features from Diffusion Transformers (DiTF) and massive-activation tools."
     )
-    parser.add_argument("--version", action="version", version=f"ditf {__version__}")
+    parser.add_argument("--version", action="version", version=f"ditf {ditf_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     features_cli.register(subparsers)
     eval_cli.register(subparsers)

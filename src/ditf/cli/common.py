@@ -1,79 +1,114 @@
-"""Options shared by commands that run a DiT: which model, where, and the DiTF settings."""
+"""Options shared by commands that run a DiT: which model, where, and its `FeatureSettings`.
+
+Nothing here imports torch at module level, so `ditf <command> --help` stays fast. Flags that are not given
+stay out of the settings overrides, so `ditf.settings.resolve_settings` alone decides every default.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-import torch
-
 from ditf.errors import InvalidArgumentError
+from ditf.settings import DTYPES, VAE_SAMPLES, VARIANTS, FeatureSettings, resolve_settings
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in `--help` (omitted where the default is "not given")."""
 
 
-def add_model_args(parser: argparse.ArgumentParser, block: int | None = None, t: float | None = None) -> None:
-    """Add --model, placement and DiTF setting options (defaults: the model's preset)."""
+def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """Add --model and where / how it is loaded."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True,
+    group.add_argument("--model", required=required,
                        help="preset alias (e.g. flux-dev), hub id, local diffusers folder or single-file checkpoint")
     group.add_argument("--config", help="folder with the diffusers config.json, for single-file checkpoints")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                       help="weights dtype (default: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    group.add_argument("--offload", choices=["model", "sequential"], default=None,
+    group.add_argument("--weights-variant", help="weight files variant to load, e.g. fp16 (*.fp16.safetensors)")
+    group.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: bf16 on CUDA, fp32 elsewhere)")
+    group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    group.add_argument("--offload", choices=["model", "sequential"],
                        help="keep weights on the CPU and move them to the device when used (accelerate)")
-    settings = parser.add_argument_group("DiTF settings (default: the model preset)")
-    settings.add_argument("--block", type=int, default=block, help="global block index k")
-    settings.add_argument("--t", type=float, default=t, help="timestep in 0..1000")
-    settings.add_argument("--ensemble", type=int, default=None, help="number of noise draws averaged")
-    settings.add_argument("--resolution", type=int, default=None, help="long image side in pixels")
-    settings.add_argument("--prompt", default="", help="text prompt (default: empty)")
-    settings.add_argument("--discard", default="auto",
-                          help="massive channels to zero: auto, none, or a comma list like 154,1446")
-    settings.add_argument("--seed", type=int, default=0)
-    settings.add_argument("--max-batch", type=int, default=None, help="ensemble members per forward pass")
 
 
-def parse_discard(text: str) -> Any:
-    """'auto' | 'none' | '154,1446' -> the featurizer's `discard` argument."""
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError as err:
-        raise InvalidArgumentError(f"--discard {text!r}: use auto, none, or channel numbers like 154,1446.") from err
+def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = True) -> None:
+    """Add the `FeatureSettings` options (each defaults to the model's preset; see `ditf presets`)."""
+    group = parser.add_argument_group("DiTF settings (default: the model's preset)")
+    group.add_argument("--block", type=int, help="global block index k")
+    group.add_argument("--t", type=float, help="timestep in 0..1000")
+    group.add_argument("--ensemble", type=int, help="number of noise draws averaged")
+    if image_size:
+        group.add_argument("--resolution", type=int, help="long image side in pixels")
+        group.add_argument("--size", type=parse_size, help="exact image size HxW in pixels, e.g. 512x640 (multiples of the stride)")
+        group.add_argument("--pad-square", action="store_true", default=None, help="pad the resized image to a square")
+    group.add_argument("--prompt", help="text prompt (default: empty)")
+    group.add_argument("--discard", help="massive channels to zero: auto, none, or indices like 154,1446 (default: auto)")
+    group.add_argument("--massive-ratio", type=float,
+                       help="auto discard without known channels: median |z| at least this many times the median (default: 100)")
+    group.add_argument("--variant", choices=list(VARIANTS),
+                       help="the paper's ablation: raw, ln (LayerNorm), adaln (+modulation), ditf (+discard; default)")
+    group.add_argument("--guidance", type=float, help="embedded guidance of FLUX.1-dev / FLUX.2-dev (default: the model's)")
+    group.add_argument("--seed", type=int, help="noise seed (default: 0)")
+    group.add_argument("--vae-sample", choices=list(VAE_SAMPLES), help="VAE posterior: a sample per member, shared, or the mode")
+    group.add_argument("--max-batch", type=int, help="ensemble members per forward pass (default: all)")
 
 
-def featurizer_from_args(args: argparse.Namespace):
-    """Load the DiTFeaturizer the options describe, with only the blocks up to --block (or the preset's block)."""
-    from ditf import DiTFeaturizer
-
-    from ditf.registry import PRESETS, preset_for_hub_id
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    preset = PRESETS.get(args.model) or preset_for_hub_id(args.model)
-    block = args.block if args.block is not None or preset is None else preset.block
-    return DiTFeaturizer.from_pretrained(args.model, torch_dtype=dtype, device=device, block=block,
-                                         offload=args.offload, config=args.config)
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x640' (height x width) -> (512, 640)."""
+    height, sep, width = text.lower().partition("x")
+    if not sep or not height.strip().isdigit() or not width.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH in pixels, e.g. 512x640")
+    return int(height), int(width)
 
 
-def feature_settings(args: argparse.Namespace, fx, resolution: bool = True) -> dict[str, Any]:
-    """The DiTF keyword arguments for `fx(...)`, with preset defaults filled in so they can be recorded.
+SETTING_OPTIONS = ("block", "t", "ensemble", "resolution", "size", "pad_square", "prompt", "discard", "massive_ratio",
+                   "guidance", "seed", "vae_sample")
+"""The settings options above, by argparse destination (= `FeatureSettings` field)."""
 
-    `resolution=False` leaves the image size out, for callers that pass `size=` per image."""
-    preset = fx.preset
 
-    def pick(value: Any, name: str) -> Any:
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `FeatureSettings` fields the command line gave (flags not given are left out; --variant expands)."""
+    overrides: dict[str, Any] = {}
+    variant = getattr(args, "variant", None)
+    if variant is not None:
+        overrides.update(VARIANTS[variant])
+    for name in SETTING_OPTIONS:
+        value = getattr(args, name, None)
         if value is not None:
-            return value
-        if preset is None:
-            raise InvalidArgumentError(f"--{name.replace('_', '-')} is required: {args.model!r} has no preset.")
-        return getattr(preset, name)
+            overrides[name] = value
+    return overrides
 
-    settings = {"block": pick(args.block, "block"), "t": pick(args.t, "t"), "ensemble": pick(args.ensemble, "ensemble"),
-                "prompt": args.prompt, "discard": parse_discard(args.discard), "seed": args.seed, "max_batch": args.max_batch}
-    if resolution:
-        settings["resolution"] = pick(args.resolution, "resolution")
-    return settings
+
+def resolve_cli_settings(args: argparse.Namespace, task: str | None = None, **fixed: Any) -> FeatureSettings:
+    """The `FeatureSettings` of the command: the model's (task) preset changed by the given flags and `fixed`.
+
+    Resolved before any model loads, so a missing or invalid setting is reported at once.
+    """
+    from ditf.registry import preset_for
+
+    return resolve_settings(preset_for(args.model), task=task, model=args.model, dtype=args.dtype,
+                            **{**settings_overrides(args), **fixed})
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """--device, or CUDA when available (cuda:<LOCAL_RANK> under torchrun / accelerate), else cpu."""
+    from ditf.eval.extractors import default_device
+
+    return args.device or default_device()
+
+
+def load_featurizer(args: argparse.Namespace, settings: FeatureSettings) -> Any:
+    """The `DiTFeaturizer` of --model, loaded only up to the settings' block, on --device (or offloaded)."""
+    from ditf.features.featurizer import DiTFeaturizer
+    from ditf.settings import torch_dtype
+
+    device = device_of(args)
+    return DiTFeaturizer.from_pretrained(args.model, torch_dtype=torch_dtype(settings.dtype, device), device=device,
+                                         block=settings.block if settings.block >= 0 else None, offload=args.offload,
+                                         config=args.config, variant=args.weights_variant)
+
+
+def check_exclusive(args: argparse.Namespace, needed: str, **options: str) -> None:
+    """Refuse `options` (argparse destination -> flag) given without `needed`."""
+    given = [flag for name, flag in options.items() if getattr(args, name, None) not in (None, False)]
+    if given:
+        raise InvalidArgumentError(f"{', '.join(given)} only apply together with {needed}; add {needed} or drop them.")

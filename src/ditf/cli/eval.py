@@ -9,7 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ditf eval <benchmark>` sub-commands."""
     from ditf.cli import eval_correspondence, eval_davis
 
-    parser = subparsers.add_parser("eval", help="evaluate features on a benchmark")
+    parser = subparsers.add_parser("eval", help="evaluate features on a benchmark",
+                                   description="Evaluate features on a benchmark with its published protocol.")
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     eval_correspondence.register(benchmarks)
     eval_davis.register(benchmarks)

@@ -1,87 +1,116 @@
-"""`ditf massive scan` and `ditf generate`: thin wrappers over `ditf.massive.scan` and `ditf.massive.generate`."""
+"""`ditf massive scan | disrupt | guide | transport`: thin wrappers over `ditf.massive`.
+
+Every command selects blocks with `--blocks` and denoising steps with `--steps`; `--num-inference-steps`,
+`--height`, `--width` and `--guidance-scale` go to the diffusers pipeline call. The interventions can be
+combined in Python (`ditf.massive.generate(pipe, prompt, actions=[...], transport=...)`).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-import torch
-
+from ditf.cli.common import HelpFormatter, check_exclusive, device_of
 from ditf.errors import InvalidArgumentError
+from ditf.settings import DTYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `massive scan` and the top-level `generate`."""
-    massive = subparsers.add_parser("massive", help="massive-activation analysis")
+    """Add `massive` and its sub-commands."""
+    massive = subparsers.add_parser("massive", help="massive-activation analysis and interventions",
+                                    description="See, measure and steer the massive activations of a DiT.")
     commands = massive.add_subparsers(dest="massive_command", required=True)
 
-    scan = commands.add_parser("scan", help="record a generation (or one noised image) and report massive activations")
+    scan = commands.add_parser("scan", formatter_class=HelpFormatter,
+                               help="record a generation (or one noised image) and report massive activations")
     scan.add_argument("--prompt", default="", help="prompt to generate (or to condition the image forward on)")
-    scan.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    scan.add_argument("--image", default=None, help="scan one image noised to --t instead of a generation")
-    scan.add_argument("--t", type=float, default=None, help="timestep 0..1000 for --image (DiTF: 261)")
-    scan.add_argument("--resolution", type=int, default=None, help="long side for --image (default: preset)")
-    scan.add_argument("--blocks", default="all", help="blocks to record: all, last, 5-20, 3,7 (default: all)")
-    scan.add_argument("--record-steps", default="all", help="steps to record: all, last, 0-3 (default: all)")
-    scan.add_argument("--branch", default="cond", help="CFG branch to record: cond or uncond (default: cond)")
+    scan.add_argument("--image", help="scan one image noised to --t instead of a generation")
+    scan.add_argument("--t", type=float, help="timestep 0..1000 for --image (DiTF: 261)")
+    scan.add_argument("--resolution", type=int, help="long side for --image (default: the model's preset)")
+    scan.add_argument("--guidance", type=float, help="embedded guidance for --image (FLUX.1-dev, FLUX.2-dev)")
+    scan.add_argument("--blocks", default="all", help="blocks to record: all, last, 5-20, 3,7")
+    scan.add_argument("--steps", default="all", help="denoising steps to record: all, last, 0-3")
+    scan.add_argument("--branch", default="cond", choices=["cond", "uncond"], help="CFG branch to record")
     scan.add_argument("--rule", action="append", default=None,
                       help="detection rule, repeatable: ratio[:T], sun[:ABS:REL], topk:K[:STAT] (default: ratio, sun)")
-    scan.add_argument("--plot-blocks", default=None, help="blocks with full-tensor figures (default: 4 spread)")
+    scan.add_argument("--plot-blocks", help="blocks with full-tensor figures (default: 4 spread over --blocks)")
     _add_generation_args(scan)
     scan.add_argument("-o", "--output", required=True, help="output folder for the report, statistics and figures")
     scan.set_defaults(func=run_scan)
 
-    generate = subparsers.add_parser("generate", help="generate an image while disrupting, guiding or transporting MAs")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    edits = generate.add_argument_group("disruption")
-    edits.add_argument("--disrupt", action="append", default=None, metavar="CHANNELS@BLOCKS",
-                       help="e.g. auto@all, 154,1446@0-18, bottom@all, random:4@5-20, matched@all (repeatable)")
-    edits.add_argument("--op", default=None, help="zero (default), mean, const:V, scale:R or clamp:V")
-    edits.add_argument("--disrupt-steps", default=None, help="steps to disrupt: all (default), last, 0-3")
-    edits.add_argument("--disrupt-branch", default=None, help="CFG branch to disrupt: all (default), cond, uncond")
-    guidance = generate.add_argument_group("Detail Guidance (Gan et al. 2025; m, w and the window are unpublished)")
-    guidance.add_argument("--detail-guidance", type=float, default=None, metavar="W", help="DG scale w")
-    guidance.add_argument("--dg-layer", type=int, default=None, metavar="M", help="block m whose MAs are disrupted")
-    guidance.add_argument("--dg-steps", default=None, help="steps where DG is active: all (default), 0-10, ...")
-    guidance.add_argument("--dg-channels", default=None, help="MA channels at m: auto (default), 154,1446, ...")
-    guidance.add_argument("--dg-op", default=None, help="disruption: zero (default), scale:R, ...")
-    guidance.add_argument("--dg-cfg-scale", type=float, default=None,
-                          help="the pipeline's CFG scale g when it runs CFG (the DG term is divided by g)")
-    transport = generate.add_argument_group("activation transport (Turri et al. 2026)")
-    transport.add_argument("--transport-from", default=None, metavar="PROMPT", help="source prompt (same seed)")
-    transport.add_argument("--transport-layers", default=None, help="blocks to transport into, e.g. 5-20")
-    transport.add_argument("--transport-steps", default=None, help="steps: all (default), 0-10, ...")
-    transport.add_argument("--transport-channels", default=None, help="channels m: auto (default), all, 11,42, ...")
-    transport.add_argument("--transport-mask", default=None, choices=["none", "cluster"],
-                           help="spatial mask p: none (every token, default) or cluster (K-means on MA channels)")
-    _add_generation_args(generate)
-    generate.add_argument("-o", "--output", required=True, help="image path (.png); the record goes next to it (.json)")
-    generate.set_defaults(func=run_generate)
+    disrupt = commands.add_parser("disrupt", formatter_class=HelpFormatter,
+                                  help="generate while changing massive channels (Sun et al., Turri et al.)")
+    disrupt.add_argument("--channels", default="auto",
+                         help="auto, 154,1446, bottom:K, random:K, matched (controls with the same count)")
+    disrupt.add_argument("--op", default="zero", help="zero, mean, const:V, scale:R or clamp:V")
+    _add_scope_args(disrupt, branch="all")
+    _add_generation_args(disrupt, prompt=True)
+    _add_image_output(disrupt)
+    disrupt.set_defaults(func=run_disrupt)
+
+    guide = commands.add_parser("guide", formatter_class=HelpFormatter,
+                                help="Detail Guidance (Gan et al. 2025): D + w (D - D_m); m, w, the window unpublished")
+    guide.add_argument("--weight", type=float, required=True, help="the DG scale w")
+    guide.add_argument("--channels", default="auto", help="massive channels at block m: auto, 154,1446, ...")
+    guide.add_argument("--op", default="zero", help="the disruption of block m: zero, scale:R, ...")
+    guide.add_argument("--cfg-scale", type=float,
+                       help="the pipeline's CFG scale g when it runs CFG (the DG term is divided by g)")
+    _add_scope_args(guide, branch=None, blocks_help="the block m whose massive channels are disrupted (one block)")
+    _add_generation_args(guide, prompt=True)
+    _add_image_output(guide)
+    guide.set_defaults(func=run_guide)
+
+    transport = commands.add_parser("transport", formatter_class=HelpFormatter,
+                                    help="activation transport (Turri et al. 2026) from another prompt's trajectory")
+    transport.add_argument("--source-prompt", required=True, help="prompt whose trajectory the channels come from")
+    transport.add_argument("--channels", default="auto", help="channels m: auto, all, 11,42, ...")
+    transport.add_argument("--mask", choices=["none", "cluster"], default="none",
+                           help="spatial mask p: every token, or the K-means foreground on the MA channels")
+    _add_scope_args(transport, branch="all")
+    _add_generation_args(transport, prompt=True)
+    _add_image_output(transport)
+    transport.set_defaults(func=run_transport)
 
 
-def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+def _add_scope_args(parser: argparse.ArgumentParser, *, branch: str | None,
+                    blocks_help: str = "blocks to act on: all, last, 5-20, 3,7") -> None:
+    group = parser.add_argument_group("where")
+    group.add_argument("--blocks", required=True, help=blocks_help)
+    group.add_argument("--steps", default="all", help="denoising steps to act on: all, last, 0-10, ...")
+    if branch is not None:
+        group.add_argument("--branch", default=branch, choices=["all", "cond", "uncond"], help="CFG branch to act on")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, *, prompt: bool = False) -> None:
     group = parser.add_argument_group("model and sampling")
+    if prompt:
+        group.add_argument("--prompt", required=True, help="prompt to generate")
     group.add_argument("--model", required=True, help="preset alias (e.g. flux-dev), hub id or local pipeline folder")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
-    group.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
-    group.add_argument("--guidance", type=float, default=None, help="the pipeline's guidance_scale (default: its own)")
-    group.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                       help="weights dtype (default: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    group.add_argument("--offload", choices=["model", "sequential"], default=None,
+    group.add_argument("--seed", type=int, default=0, help="generator seed")
+    group.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the pipeline's)")
+    group.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    group.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    group.add_argument("--guidance-scale", type=float, help="the pipeline's guidance_scale (default: its own)")
+    group.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: bf16 on CUDA, fp32 elsewhere)")
+    group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    group.add_argument("--offload", choices=["model", "sequential"],
                        help="keep weights on the CPU and move them to the device when used (diffusers offload)")
+
+
+def _add_image_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, help="image file (.png); the record goes next to it (.json)")
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the full diffusers pipeline of --model on --device (or offloaded); return (pipeline, preset)."""
-    from ditf.cli.common import DTYPES
     from ditf.features.featurizer import check_dtype_on_device
     from ditf.loading import load_components
+    from ditf.settings import torch_dtype
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    import torch
+
+    device = torch.device(device_of(args))
+    dtype = torch_dtype(args.dtype, str(device))
     check_dtype_on_device(dtype, device)
     components = load_components(args.model, torch_dtype=dtype)
     pipe = components.pipeline
@@ -121,75 +150,62 @@ def run_scan(args: argparse.Namespace) -> int:
     from ditf.features.preprocess import load_image
     from ditf.massive.scan import DEFAULT_RULES, scan
 
-    if args.branch not in ("cond", "uncond"):
-        raise InvalidArgumentError(f"--branch {args.branch!r}; a scan records cond or uncond.")
     if args.image is not None:
         load_image(args.image)  # fail on a missing or corrupt file before loading a model
-        if args.steps is not None or args.record_steps != "all":
-            raise InvalidArgumentError("--steps and --record-steps apply to generation scans; an --image scan runs one forward.")
-    elif args.resolution is not None or args.t is not None:
-        raise InvalidArgumentError("--t and --resolution apply to --image scans (t applies to single-image scans); a "
-                                   "generation scan follows the sampler's schedule at --height/--width.")
+        if args.num_inference_steps is not None or args.steps != "all":
+            raise InvalidArgumentError("--num-inference-steps and --steps apply to generation scans; an --image scan "
+                                       "runs one forward.")
+    else:
+        check_exclusive(args, "--image", t="--t", resolution="--resolution", guidance="--guidance")
     rules = [parse_rule(text) for text in args.rule] if args.rule else list(DEFAULT_RULES)
     pipe, preset = load_pipeline(args)
-    result = scan(pipe, prompt=args.prompt, image=args.image, t=args.t, num_inference_steps=args.steps,
-                  blocks=args.blocks, steps=args.record_steps, branch=args.branch, seed=args.seed, height=args.height,
-                  width=args.width, resolution=args.resolution, guidance_scale=args.guidance, rules=rules,
-                  plot_blocks=args.plot_blocks, out_dir=args.output, preset=preset)
+    result = scan(pipe, prompt=args.prompt, image=args.image, t=args.t, num_inference_steps=args.num_inference_steps,
+                  blocks=args.blocks, steps=args.steps, branch=args.branch, seed=args.seed, height=args.height,
+                  width=args.width, resolution=args.resolution, guidance=args.guidance,
+                  guidance_scale=args.guidance_scale, rules=rules, plot_blocks=args.plot_blocks, out_dir=args.output,
+                  preset=preset, model=args.model)
     print(f"wrote {result.files['markdown']}, {result.files['json']} and {len(result.files['figures'])} figure files")
     return 0
 
 
-def generation_actions(args: argparse.Namespace) -> list[Any]:
-    """The disruption and Detail Guidance actions the options describe (errors for options given alone)."""
-    from ditf.massive.guidance import DetailGuidance
+def run_disrupt(args: argparse.Namespace) -> int:
+    """Generate while editing the chosen channels; write the image and the record of every edit."""
     from ditf.massive import Edit, parse_op
 
-    actions: list[Any] = []
-    if args.disrupt:
-        for spec in args.disrupt:
-            channels, _, blocks = spec.rpartition("@") if "@" in spec else (spec, "", "all")
-            if not channels or not blocks:
-                raise InvalidArgumentError(f"--disrupt {spec!r}; use CHANNELS@BLOCKS such as auto@all or 154,1446@0-18.")
-            actions.append(Edit(parse_op(args.op or "zero"), channels, blocks=blocks, steps=args.disrupt_steps or "all",
-                                branch=args.disrupt_branch or "all"))
-    else:
-        _only_with(args, "--disrupt", op="--op", disrupt_steps="--disrupt-steps", disrupt_branch="--disrupt-branch")
-    if (args.detail_guidance is None) != (args.dg_layer is None):
-        raise InvalidArgumentError("--detail-guidance W and --dg-layer M go together: pass both (the paper publishes neither).")
-    if args.detail_guidance is not None:
-        actions.append(DetailGuidance(args.dg_layer, args.detail_guidance, steps=args.dg_steps or "all",
-                                      channels=args.dg_channels or "auto", op=args.dg_op or "zero",
-                                      cfg_scale=args.dg_cfg_scale))
-    else:
-        _only_with(args, "--detail-guidance", dg_steps="--dg-steps", dg_channels="--dg-channels", dg_op="--dg-op",
-                   dg_cfg_scale="--dg-cfg-scale")
-    return actions
+    action = Edit(parse_op(args.op), args.channels, blocks=args.blocks, steps=args.steps, branch=args.branch)
+    return _generate(args, actions=[action])
 
 
-def _only_with(args: argparse.Namespace, needed: str, **options: str) -> None:
-    given = [flag for name, flag in options.items() if getattr(args, name) is not None]
-    if given:
-        raise InvalidArgumentError(f"{', '.join(given)} only apply together with {needed}; add {needed} or drop them.")
+def run_guide(args: argparse.Namespace) -> int:
+    """Generate with Detail Guidance at block --blocks (one block m)."""
+    from ditf.massive.guidance import DetailGuidance
+    from ditf.massive.scopes import parse_indices
+
+    blocks = parse_indices(args.blocks, "--blocks")
+    if len(blocks) != 1:
+        raise InvalidArgumentError(f"--blocks {args.blocks!r}: Detail Guidance disrupts one block m; pass one index.")
+    action = DetailGuidance(blocks[0], args.weight, steps=args.steps, channels=args.channels, op=args.op,
+                            cfg_scale=args.cfg_scale)
+    return _generate(args, actions=[action])
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    """Write the image to --output and the record of every intervention next to it (.json)."""
-    from ditf.massive.generate import TransportPlan, generate, save_generation
+def run_transport(args: argparse.Namespace) -> int:
+    """Generate with the MA channels of --source-prompt's trajectory transported into this one."""
+    from ditf.massive.generate import TransportPlan
 
-    actions = generation_actions(args)
-    plan = None
-    if args.transport_from is not None:
-        plan = TransportPlan(args.transport_from, blocks=args.transport_layers or "all",
-                             steps=args.transport_steps or "all",
-                             channels=None if args.transport_channels == "all" else args.transport_channels or "auto",
-                             spatial="cluster" if args.transport_mask == "cluster" else None)
-    else:
-        _only_with(args, "--transport-from", transport_layers="--transport-layers", transport_steps="--transport-steps",
-                   transport_channels="--transport-channels", transport_mask="--transport-mask")
+    plan = TransportPlan(args.source_prompt, blocks=args.blocks, steps=args.steps,
+                         channels=None if args.channels == "all" else args.channels,
+                         spatial="cluster" if args.mask == "cluster" else None, branch=args.branch)
+    return _generate(args, transport=plan)
+
+
+def _generate(args: argparse.Namespace, actions: list[Any] = (), transport: Any = None) -> int:
+    from ditf.massive.generate import generate, save_generation
+
     pipe, _ = load_pipeline(args)
-    result = generate(pipe, args.prompt, actions=actions, transport=plan, seed=args.seed, num_inference_steps=args.steps,
-                      height=args.height, width=args.width, guidance_scale=args.guidance)
+    result = generate(pipe, args.prompt, actions=list(actions), transport=transport, seed=args.seed,
+                      num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+                      guidance_scale=args.guidance_scale)
     result.record["model"] = args.model
     paths = save_generation(result, args.output)
     print(f"wrote {paths['image']} and {paths['record']}")

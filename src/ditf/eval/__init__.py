@@ -1,1 +1,54 @@
+"""Benchmarks: keypoint correspondence (SPair-71k, PF-Pascal, AP-10K) and DAVIS-2017 label propagation.
 
+One keyword function per benchmark returns the results dict the command line writes (`evaluate_spair`,
+`evaluate_pfpascal`, `evaluate_ap10k`, `evaluate_davis`, `score_davis`); `DiTFExtractor` turns a model and
+its `FeatureSettings` into features for them. Names are imported on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "evaluate_spair": "ditf.eval.api",
+    "evaluate_pfpascal": "ditf.eval.api",
+    "evaluate_ap10k": "ditf.eval.api",
+    "evaluate_davis": "ditf.eval.api",
+    "evaluate_correspondence": "ditf.eval.api",
+    "feature_source": "ditf.eval.api",
+    "score_davis": "ditf.eval.davis",
+    "DiTFExtractor": "ditf.eval.extractors",
+    "default_cache_dir": "ditf.eval.extractors",
+    "FeatureFolder": "ditf.eval.sources",
+    "CachedExtractor": "ditf.eval.sources",
+    "write_results": "ditf.eval.report",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from ditf.eval.api import (
+        evaluate_ap10k,
+        evaluate_correspondence,
+        evaluate_davis,
+        evaluate_pfpascal,
+        evaluate_spair,
+        feature_source,
+    )
+    from ditf.eval.davis import score_davis
+    from ditf.eval.extractors import DiTFExtractor, default_cache_dir
+    from ditf.eval.report import write_results
+    from ditf.eval.sources import CachedExtractor, FeatureFolder
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ditf.eval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

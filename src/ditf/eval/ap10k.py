@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ditf.errors import DatasetError, InvalidArgumentError
+from ditf.matching.points import check_points_inside
 from ditf.eval.keypoints import (
     CorrespondenceDataset,
     ImageRecord,
     KeypointPair,
-    check_points_inside,
     image_size,
     require_paths,
 )
@@ -114,8 +114,8 @@ def _read_pair(root: Path, path: Path, images: dict[Path, tuple[ImageRecord, dic
     mutual = source_visible & target_visible
     if not mutual.any():
         raise DatasetError(f"pair file {path} has no keypoint visible in both images; drop the pair")
-    check_points_inside(source_points[mutual], source.size, f"{path.name} source keypoints")
-    check_points_inside(target_points[mutual], target.size, f"{path.name} target keypoints")
+    check_points_inside(source_points[mutual], source.size, f"{path.name} source keypoints", error=DatasetError)
+    check_points_inside(target_points[mutual], target.size, f"{path.name} target keypoints", error=DatasetError)
     x, y, w, h = (float(v) for v in target_annotation["bbox"])
     return KeypointPair(
         name=path.stem,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,8 @@ from ditf.eval.davis_metrics import (
     region_similarity,
     sequence_statistics,
 )
+from ditf.registry import TASK_DEFAULTS
+from ditf.versions import ditf_version
 from ditf.matching.propagation import DITF_DAVIS_PROPAGATION, PropagationSettings, propagate_labels
 
 DAVIS_DOWNLOAD_HINT = (
@@ -46,9 +47,9 @@ DAVIS_SPLITS = ("train", "val", "test-dev", "test-challenge")
 VOID_LABEL = 255
 GLOBAL_METRICS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
-DITF_DAVIS_SHORT_SIDE = 960
+DITF_DAVIS_SHORT_SIDE: int = TASK_DEFAULTS["davis"].protocol["short_side"]
 """DiTF's DAVIS frame size: short side 960 px (README; 960/16 = 60 cells, like DIFT's 480/8)."""
-DITF_DAVIS_SIZE_MULTIPLE = 32
+DITF_DAVIS_SIZE_MULTIPLE: int = TASK_DEFAULTS["davis"].protocol["size_multiple"]
 """The long side is floored to a multiple of 32 (DIFT/DiTF `read_frame`)."""
 
 ExtractFn = Callable[[Path, tuple[int, int]], torch.Tensor]
@@ -231,7 +232,7 @@ def score_davis(
             "averaging": "Mean/Recall(>0.5)/Decay(first - last quarter) per object, then mean over objects",
             "reference": "davisvideochallenge/davis2017-evaluation (semi-supervised)",
         },
-        "ditf_version": _ditf_version(),
+        "ditf_version": ditf_version(),
     }
     if output is not None:
         write_json_atomic(output, scores)
@@ -296,13 +297,6 @@ def _read_results(folder: Path, stems: list[str], size: tuple[int, int]) -> np.n
             )
         masks[index] = mask
     return masks
-
-
-def _ditf_version() -> str:
-    try:
-        return metadata.version("ditf")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 # -------------------------------------------------------------------------------------- propagation

@@ -109,17 +109,6 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def check_points_inside(points: np.ndarray, size: tuple[int, int], where: str) -> None:
-    """DatasetError unless every (x, y) row of `points` (P, 2) satisfies 0 <= x < W, 0 <= y < H."""
-    height, width = size
-    outside = (points[:, 0] < 0) | (points[:, 0] >= width) | (points[:, 1] < 0) | (points[:, 1] >= height)
-    if outside.any():
-        raise DatasetError(
-            f"{where}: keypoints {points[outside].tolist()} lie outside the {width}x{height} (W x H) image; "
-            "valid keypoints satisfy 0 <= x < W and 0 <= y < H. Fix or drop this annotation"
-        )
-
-
 def require_paths(dataset: str, root: Path, required: list[str], how_to_get: str) -> None:
     """DatasetError naming every missing entry of `required` (relative to `root`) and the fix."""
     if not root.is_dir():

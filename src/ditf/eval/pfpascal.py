@@ -18,14 +18,13 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from ditf.errors import DatasetError, InvalidArgumentError
+from ditf.matching.points import check_points_inside
 from ditf.eval.keypoints import (
     CorrespondenceDataset,
     ImageRecord,
     KeypointPair,
-    check_points_inside,
     image_size,
     require_paths,
 )
@@ -115,8 +114,8 @@ def _read_row(
     target_points = _points(row[5], row[6], where)
     if source_points.shape != target_points.shape:
         raise DatasetError(f"{where} lists {len(source_points)} source and {len(target_points)} target keypoints")
-    check_points_inside(source_points, source.size, f"{where} source keypoints")
-    check_points_inside(target_points, target.size, f"{where} target keypoints")
+    check_points_inside(source_points, source.size, f"{where} source keypoints", error=DatasetError)
+    check_points_inside(target_points, target.size, f"{where} target keypoints", error=DatasetError)
     return KeypointPair(
         name=f"{number:05d}-{source.stem}-{target.stem}:{category}",
         category=category,
@@ -154,6 +153,8 @@ def _box(root: Path, category: str, stem: str) -> tuple[float, float, float, flo
     if not path.is_file():
         raise DatasetError(f"annotation {path} is missing; it holds the object box needed by --threshold bbox")
     try:
+        import scipy.io
+
         box = np.asarray(scipy.io.loadmat(str(path))["bbox"], dtype=np.float64).reshape(-1)
     except (KeyError, ValueError, OSError) as err:
         raise DatasetError(f"{path} has no readable 'bbox' (x1, y1, x2, y2): {err}") from err

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ditf.errors import DatasetError, InvalidArgumentError
+from ditf.matching.points import check_points_inside
 from ditf.eval.keypoints import (
     CorrespondenceDataset,
     ImageRecord,
     KeypointPair,
-    check_points_inside,
     image_size,
     require_paths,
 )
@@ -186,8 +186,8 @@ def _read_pair(root: Path, path: Path, sizes: dict[Path, tuple[int, int]], check
             f"pair file {path} has {len(data['src_kps'])} source and {len(data['trg_kps'])} target keypoints; "
             "a pair needs the same positive number of each"
         )
-    check_points_inside(source_points, source.size, f"{path.name} src_kps")
-    check_points_inside(target_points, target.size, f"{path.name} trg_kps")
+    check_points_inside(source_points, source.size, f"{path.name} src_kps", error=DatasetError)
+    check_points_inside(target_points, target.size, f"{path.name} trg_kps", error=DatasetError)
     bbox = data["trg_bndbox"]
     if len(bbox) != 4 or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
         raise DatasetError(f"pair file {path} has trg_bndbox {bbox}; expected corners [x1, y1, x2, y2] with x2 > x1, y2 > y1")

@@ -3,8 +3,9 @@
 Two modes:
 - generation trajectory (`prompt`, no `image`): run the pipeline and record every chosen block and
   step of the chosen CFG branch;
-- single noised image (`image` and `t`): VAE-encode the image (posterior mode), noise it to t with a
-  seeded draw (the family's convention) and run one forward at that timestep (step 0).
+- single noised image (`image` and `t`): the featurizer's own path with `FeatureSettings` (posterior-mode VAE
+  latents, one seeded noise draw at t by the family's convention), then one whole forward at that timestep
+  (step 0); the settings are recorded in the report.
 
 Reduced statistics are kept for every block and step; whole tensors only at a few `plot_blocks` at the
 last recorded step (for the surface, channel maps and K-means masks). Output folder:
@@ -36,7 +37,7 @@ from ditf.massive.report import ScanReport, build_scan_report, save_stats_table,
 from ditf.massive.scopes import BRANCHES, BlockSpec, StepSpec, resolve_blocks
 from ditf.massive.session import intervene
 from ditf.massive.stats import Cell
-from ditf.massive.transport import image_latents_and_noise, seeded
+from ditf.massive.transport import seeded
 from ditf.registry import Preset
 
 DEFAULT_RULES: tuple[DetectionRule, ...] = (RatioRule(), SunRule())
@@ -67,14 +68,16 @@ def default_plot_blocks(blocks: Sequence[int], count: int = 4) -> list[int]:
 def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = None, num_inference_steps: int | None = None,
          blocks: BlockSpec = "all", steps: StepSpec = "all", branch: str = "cond", seed: int = 0,
          height: int | None = None, width: int | None = None, resolution: int | None = None,
-         guidance_scale: float | None = None, rules: Sequence[DetectionRule] = DEFAULT_RULES,
-         plot_blocks: BlockSpec | None = None, out_dir: str | os.PathLike[str] | None = None,
-         preset: Preset | None = None, progress: bool = True, **pipe_kwargs: Any) -> ScanResult:
+         guidance: float | None = None, guidance_scale: float | None = None,
+         rules: Sequence[DetectionRule] = DEFAULT_RULES, plot_blocks: BlockSpec | None = None,
+         out_dir: str | os.PathLike[str] | None = None, preset: Preset | None = None, model: str | None = None,
+         progress: bool = True, **pipe_kwargs: Any) -> ScanResult:
     """Scan `pipe`'s DiT for massive activations; write the report to `out_dir` when given.
 
-    Generation mode uses prompt, num_inference_steps, height, width, guidance_scale (pipeline
-    defaults when None) and `pipe_kwargs`. Image mode uses image, t (0..1000), resolution (long side,
-    default: preset) and guidance (FLUX.1-dev's embedded guidance, default: preset or 3.5).
+    Generation mode uses prompt, num_inference_steps, height, width, guidance_scale (the pipeline's
+    argument; pipeline defaults when None) and `pipe_kwargs`. Image mode uses image, t (0..1000), resolution
+    (long side, default: preset) and guidance (the embedded guidance of FLUX.1-dev / FLUX.2-dev; default: the
+    model's), resolved into `FeatureSettings` with the model's `preset` (`model` is its reference, recorded).
     blocks / steps / branch choose what is recorded; plot_blocks where whole tensors are kept.
     """
     if branch not in BRANCHES:
@@ -99,8 +102,11 @@ def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = No
                                         pipe_kwargs=pipe_kwargs)  # fmt: skip
         grid = (picture.height // arch.stride, picture.width // arch.stride)
     else:
-        picture, grid, meta = _run_image(pipe, arch, [statistics, tensors], image=image, t=t, prompt=prompt, seed=seed,
-                                         resolution=resolution, guidance=guidance_scale, preset=preset)
+        if guidance_scale is not None:
+            raise InvalidArgumentError("guidance_scale is the pipeline's argument for generation scans; an image scan "
+                                       "takes the embedded guidance as guidance=.")
+        picture, grid, meta = _run_image(pipe, [statistics, tensors], image=image, t=t, prompt=prompt, seed=seed,
+                                         resolution=resolution, guidance=guidance, preset=preset, model=model)
     meta.update(branch=branch, model=type(pipe.transformer).__name__, family=arch.family)
     return analyse(statistics.recording, tensors.recording, grid, rules, meta=meta, branch=branch, image=picture,
                    out_dir=out_dir, progress=progress)
@@ -118,32 +124,28 @@ def _run_generation(pipe: Any, records: list[Record], *, prompt: str, seed: int,
     return picture, meta
 
 
-def _run_image(pipe: Any, arch: Any, records: list[Record], *, image: Any, t: float, prompt: str, seed: int,
-               resolution: int | None, guidance: float | None,
-               preset: Preset | None) -> tuple[Image.Image, tuple[int, int], dict[str, Any]]:
+def _run_image(pipe: Any, records: list[Record], *, image: Any, t: float, prompt: str, seed: int,
+               resolution: int | None, guidance: float | None, preset: Preset | None,
+               model: str | None) -> tuple[Image.Image, tuple[int, int], dict[str, Any]]:
     from ditf.features.featurizer import DiTFeaturizer
 
     if getattr(pipe, "vae", None) is None:
         raise InvalidArgumentError("an image scan needs the model's VAE: load a full diffusers pipeline folder or hub id.")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1000:
-        raise InvalidArgumentError(f"t={t!r} is outside 0..1000; timesteps are on the 0..1000 scale (DiTF uses 261).")
-    t = float(t)
-    if resolution is None:
-        if preset is None:
-            raise InvalidArgumentError("an image scan needs resolution= (long image side in pixels): this model has no preset.")
-        resolution = preset.resolution
-    if guidance is None and preset is not None:
-        guidance = preset.guidance
-    featurizer = DiTFeaturizer(pipe.transformer, pipe.vae, pipeline=pipe, preset=preset)
-    prepared, latents, noise = image_latents_and_noise(featurizer, image, seed, resolution=resolution)
-    noisy = arch.noise_latents(latents.float(), noise, t).to(featurizer.dtype)
-    cond = featurizer.encode_prompt(prompt)
-    with intervene(pipe.transformer, records) as session, torch.no_grad(), session.at_step(0, t=t, total_steps=1):
-        arch.run(noisy, t, cond, guidance)
+    featurizer = DiTFeaturizer(pipe.transformer, pipe.vae, pipeline=pipe, preset=preset, model=model)
+    block = preset.block if preset is not None else featurizer.arch.num_blocks() - 1  # recorded, not tapped
+    settings = featurizer.settings(t=t, resolution=resolution, prompt=prompt, seed=seed, guidance=guidance,
+                                   vae_sample="mode", ensemble=1, block=block)
+    latents = featurizer.noisy_latents(image, settings)
+    noisy = featurizer.add_noise(latents.clean, latents.noise, settings.t)
+    cond = featurizer.conditioning(settings.prompt)
+    with intervene(pipe.transformer, records) as session, session.at_step(0, t=settings.t, total_steps=1):
+        featurizer.forward(noisy, settings.t, cond, settings.guidance)
+    prepared = latents.prepared
     pixels = ((prepared.pixels[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    meta = {"mode": "image", "image": prepared.name, "t": t, "prompt": prompt, "seed": seed, "resolution": resolution,
-            "guidance": guidance, "image_size": list(prepared.resized_size)}
-    return Image.fromarray(pixels), arch.token_grid(tuple(latents.shape[-2:])), meta
+    record = {k: v for k, v in settings.to_dict().items() if k not in ("block", "ensemble", "normalize", "modulate",
+                                                                      "discard", "massive_ratio")}
+    meta = {"mode": "image", "image": prepared.name, **record, "image_size": list(prepared.resized_size)}
+    return Image.fromarray(pixels), featurizer.arch.token_grid(tuple(latents.clean.shape[-2:])), meta
 
 
 def _adaln(recording: Recording, cells: Sequence[Cell], branch: str) -> dict[Cell, tuple[torch.Tensor, torch.Tensor]]:

@@ -198,25 +198,6 @@ def pipeline_schedule(pipe: Any, prompt: str, *, seed: int = 0, **pipe_kwargs: A
     return output, [session.timesteps[step] for step in sorted(session.timesteps)]
 
 
-def image_latents_and_noise(featurizer: Any, image: Any, seed: int,
-                            **prepare: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """(the prepared image, its VAE latents (1, c, h, w) (posterior mode), one noise draw of that shape, fp32).
-
-    The noise comes from a CPU generator seeded with `seed`; `prepare` goes to `prepare_image`
-    (`resolution=` or `size=`). `featurizer` is a `DiTFeaturizer` with a VAE.
-    """
-    from ditf.features.preprocess import prepare_image
-
-    arch = featurizer.arch
-    prepared = prepare_image(image, arch.stride, **prepare)
-    vae_param = next(featurizer.vae.parameters())
-    generator = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        latents = arch.encode_images(prepared.pixels.to(vae_param.device, vae_param.dtype), None, generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    return prepared, latents, noise.to(latents.device)
-
-
 def record_image_trajectory(pipe: Any, image: Any, timesteps: Sequence[float], *, blocks: BlockSpec,
                             steps: StepSpec = "all", size: tuple[int, int], source_prompt: str = "", seed: int = 0,
                             guidance: float | None = None, progress: bool = True) -> Recording:
@@ -230,18 +211,19 @@ def record_image_trajectory(pipe: Any, image: Any, timesteps: Sequence[float], *
     from ditf.features.featurizer import DiTFeaturizer
 
     featurizer = DiTFeaturizer(pipe.transformer, pipe.vae, pipeline=pipe)
-    arch = featurizer.arch
-    _, latents, noise = image_latents_and_noise(featurizer, image, seed, size=size)
-    cond = featurizer.encode_prompt(source_prompt)
+    settings = featurizer.settings(block=0, t=0, ensemble=1, size=size, seed=seed, prompt=source_prompt,
+                                   guidance=guidance, vae_sample="mode")
+    latents = featurizer.noisy_latents(image, settings)
+    cond = featurizer.conditioning(source_prompt)
     wanted = Steps.parse(steps)
     record = Record(points=("image",), blocks=blocks, steps=steps, branch="cond", full=True, stats=False)
-    with intervene(pipe.transformer, [record]) as session, torch.no_grad():
+    with intervene(pipe.transformer, [record]) as session:
         for step, t in enumerate(tqdm(list(timesteps), desc="reference trajectory", unit="step", disable=not progress)):
             if not wanted.contains(step, len(timesteps)):
                 continue
-            noisy = arch.noise_latents(latents.float(), noise, float(t)).to(featurizer.dtype)
+            noisy = featurizer.add_noise(latents.clean, latents.noise, float(t))
             with session.at_step(step, t=float(t), total_steps=len(timesteps)):
-                arch.run(noisy, float(t), cond, guidance)
+                featurizer.forward(noisy, float(t), cond, settings.guidance)
     record.recording.meta.update(time_units="scheduler", source={"kind": "image", "prompt": source_prompt, "seed": seed})
     return record.recording
 
@@ -300,6 +282,6 @@ def subject_driven(pipe: Any, prompt: str, reference_image: Any, *, blocks: Bloc
 
 
 __all__ = [
-    "Transport", "TransportResult", "image_latents_and_noise", "pipeline_schedule", "prompt_interpolation",
+    "Transport", "TransportResult", "pipeline_schedule", "prompt_interpolation",
     "record_image_trajectory", "record_trajectory", "seeded", "subject_driven",
 ]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ditf.errors import InvalidArgumentError
+from ditf.matching.points import check_points_inside
 from ditf.matching.float32_error import float32_cosine_error_bound, float32_matmul_input_roundoff
 
 # torch.nn.functional.normalize divides by max(norm, eps) with this eps; we do the same.
@@ -567,11 +568,5 @@ def _check_points(points: torch.Tensor, size: tuple[int, int], name: str) -> tor
                 f"{name} must be integer pixels, got {points.tolist()}; take floor() of sub-pixel keypoints"
             )
     points = points.to(torch.int64)
-    height, width = size
-    outside = (points[:, 0] < 0) | (points[:, 0] >= width) | (points[:, 1] < 0) | (points[:, 1] >= height)
-    if bool(outside.any()):
-        raise InvalidArgumentError(
-            f"{name} {points[outside].tolist()} lie outside the {width}x{height} (W x H) image; "
-            "valid pixels are 0 <= x < W and 0 <= y < H"
-        )
+    check_points_inside(points, size, name)
     return points

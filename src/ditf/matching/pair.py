@@ -11,6 +11,7 @@ from PIL import Image
 
 from ditf.errors import InvalidArgumentError
 from ditf.matching.correspondence import cosine_map
+from ditf.matching.points import check_points_inside
 
 
 @dataclass
@@ -40,14 +41,6 @@ def parse_points(text: str) -> torch.Tensor:
     return torch.tensor(points, dtype=torch.int64)
 
 
-def check_points_inside(points: torch.Tensor, size: tuple[int, int]) -> None:
-    """Raise when a point (x, y) of `points` (P, 2) is not inside an image of `size` (H, W)."""
-    height, width = size
-    outside = [p for p in points.tolist() if not (0 <= p[0] < width and 0 <= p[1] < height)]
-    if outside:
-        raise InvalidArgumentError(f"points {outside} lie outside the source image ({width}x{height} pixels, x then y).")
-
-
 def match_pair(src_feats: torch.Tensor, trg_feats: torch.Tensor, points: torch.Tensor,
                src_size: tuple[int, int], trg_size: tuple[int, int]) -> PairMatch:
     """Match `points` (P, 2) (x, y) of the source image into the target image.
@@ -55,10 +48,10 @@ def match_pair(src_feats: torch.Tensor, trg_feats: torch.Tensor, points: torch.T
     Feature maps (C, h, w) are taken as bilinearly upsampled to the image sizes (H, W) (computed exactly
     from the low-resolution maps); the match is the cosine argmax.
     """
-    check_points_inside(points, src_size)
+    check_points_inside(points, src_size, "source points")
     maps = cosine_map(src_feats, trg_feats, points, src_size, trg_size).float()
     best = maps.flatten(1).argmax(dim=1)
-    target = torch.stack([best % trg_size[1], best // trg_size[1]], dim=1)
+    target = torch.stack(torch.unravel_index(best, tuple(trg_size))[::-1], dim=1)
     return PairMatch(points, target, maps.flatten(1).max(dim=1).values, maps)
 
 

@@ -29,21 +29,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ditf.errors import InvalidArgumentError
+from ditf.registry import TASK_DEFAULTS
+
+PROPAGATION_DEFAULTS = TASK_DEFAULTS["davis"].protocol
 
 
 @dataclass(frozen=True)
 class PropagationSettings:
-    """Label-propagation hyper-parameters (units: frames, feature cells, count, none)."""
+    """Label-propagation hyper-parameters (units: frames, feature cells, count, none); DiTF's by default."""
 
-    n_last_frames: int = 7
-    neighborhood_radius: int = 12
-    topk: int = 5
-    temperature: float = 0.1
+    n_last_frames: int = PROPAGATION_DEFAULTS["n_last_frames"]
+    neighborhood_radius: int = PROPAGATION_DEFAULTS["neighborhood_radius"]
+    topk: int = PROPAGATION_DEFAULTS["topk"]
+    temperature: float = PROPAGATION_DEFAULTS["temperature"]
 
 
-DITF_DAVIS_PROPAGATION = PropagationSettings(n_last_frames=7, neighborhood_radius=12, topk=5, temperature=0.1)
-"""DiTF's DAVIS settings (ganchaofan0000/DiTF `eval_davis.py` defaults, as in DINO): first frame plus
-7 previous frames, window radius 12 cells, top-5, temperature 0.1."""
+DITF_DAVIS_PROPAGATION = PropagationSettings()
+"""DiTF's DAVIS settings (the davis task preset in `ditf.registry`): first frame plus 7 previous frames, window
+radius 12 cells, top-5, temperature 0.1."""
 
 
 def neighborhood_mask(height: int, width: int, radius: int, device: torch.device | str = "cpu") -> torch.Tensor:

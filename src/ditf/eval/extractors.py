@@ -1,0 +1,128 @@
+"""Extractors for the benchmarks: DiTF features of a model under `FeatureSettings`, and the frame wrapper
+that feeds GeoAware-SC's zero-padded square images to any extractor.
+
+An extractor is a callable `(image, prompt) -> (C, h, w)` with `describe()` (what identifies its features,
+for cache keys and results files) and `prompt_mode` (its published prompt policy). The model is loaded on
+the first extraction, so a run served from the cache never loads it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ditf.errors import InvalidArgumentError
+from ditf.eval.sources import Extractor
+from ditf.features.preprocess import ImageInput, load_image
+from ditf.registry import preset_for
+from ditf.settings import VARIANTS, FeatureSettings, dtype_name, resolve_settings, task_protocol, torch_dtype
+
+if TYPE_CHECKING:
+    from ditf.features.featurizer import DiTFeaturizer
+
+
+def default_device() -> str:
+    """cuda:<LOCAL_RANK> when CUDA is available (one GPU per process under torchrun / accelerate), else cpu."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def default_cache_dir() -> Path:
+    """$DITF_CACHE_DIR/features, or ~/.cache/ditf/features."""
+    return Path(os.environ.get("DITF_CACHE_DIR", Path.home() / ".cache" / "ditf")).expanduser() / "features"
+
+
+class DiTFExtractor:
+    """DiTF features of one model for the benchmarks.
+
+    `model` is a model reference (alias, hub id, folder or file; loaded on first use, only up to the settings'
+    block) or a loaded `DiTFeaturizer`. The settings are `settings`, or the model's preset for `task` changed by
+    `overrides` (`FeatureSettings` fields, plus `variant`: raw, ln, adaln or ditf, the paper's ablation rows).
+    `dtype` ("fp32", "bf16", "fp16"; default bf16 on CUDA, fp32 elsewhere), `device`, `offload`, `config` and
+    `variant_files` (weight variant such as "fp16") are how the model is loaded.
+    """
+
+    def __init__(self, model: str | DiTFeaturizer, settings: FeatureSettings | None = None, *, task: str | None = None,
+                 device: str | None = None, dtype: str | None = None, offload: str | None = None,
+                 config: str | None = None, variant_files: str | None = None, variant: str | None = None,
+                 **overrides: Any):
+        if variant is not None:
+            if variant not in VARIANTS:
+                raise InvalidArgumentError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}.")
+            overrides = {**VARIANTS[variant], **overrides}
+        if isinstance(model, str):
+            self._featurizer: DiTFeaturizer | None = None
+            self.model, preset = model, preset_for(model)
+            self.device = device or default_device()
+            dtype = dtype or dtype_name(torch_dtype(None, self.device))
+        else:
+            self._featurizer = model
+            self.model, preset = model.model, model.preset
+            self.device = str(model.device)
+            dtype = dtype_name(model.dtype)
+        if settings is None:
+            settings = resolve_settings(preset, task=task, model=self.model, dtype=dtype, **overrides)
+        elif overrides:
+            settings = settings.replace(**overrides)
+        self.settings = settings
+        self.prompt_mode = task_protocol(preset, task).get("prompt_mode", "empty") if task else "empty"
+        self._load = dict(offload=offload, config=config, variant=variant_files)
+
+    @property
+    def featurizer(self) -> DiTFeaturizer:
+        """The loaded featurizer (loaded now, with only the blocks up to the settings' block, if it was not yet)."""
+        if self._featurizer is None:
+            from ditf.features.featurizer import DiTFeaturizer
+
+            self._featurizer = DiTFeaturizer.from_pretrained(
+                self.model, torch_dtype=torch_dtype(self.settings.dtype, self.device), device=self.device,
+                block=self.settings.block if self.settings.block >= 0 else None, **self._load)
+        return self._featurizer
+
+    def describe(self) -> dict[str, Any]:
+        """The model reference and every setting (JSON values), and the ablation row they compute."""
+        return {"extractor": "ditf", **self.settings.to_dict(), "variant": self.settings.variant}
+
+    def __call__(self, image: ImageInput, prompt: str = "") -> torch.Tensor:
+        """The (C, h, w) DiTF feature map of `image` under `prompt` (fp32, CPU)."""
+        settings = self.settings.replace(prompt=prompt) if prompt != self.settings.prompt else self.settings
+        return self.featurizer.extract(image, settings=settings).features
+
+
+class SquarePadded:
+    """An extractor fed GeoAware-SC's frame: the image resized (LANCZOS) to long side `side` and zero-padded
+    evenly to a `side` x `side` square (their `resize(..., edge=False)`), in memory."""
+
+    def __init__(self, extractor: Extractor, side: int):
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise InvalidArgumentError(f"pad size {side!r} must be a positive number of pixels.")
+        self.extractor = extractor
+        self.side = side
+        self.prompt_mode = extractor.prompt_mode
+
+    def describe(self) -> dict[str, Any]:
+        """The wrapped extractor's description with the frame."""
+        return {**self.extractor.describe(), "frame": f"square_pad_{self.side}"}
+
+    def __call__(self, image: ImageInput, prompt: str = "") -> torch.Tensor:
+        return self.extractor(square_padded(load_image(image), self.side), prompt)
+
+
+def square_padded(image: Image.Image, side: int) -> Image.Image:
+    """`image` resized (LANCZOS) to long side `side` and zero-padded evenly to `side` x `side` (GeoAware-SC)."""
+    width, height = image.size
+    if height <= width:
+        resized = image.resize((side, int(np.around(side * height / width))), Image.Resampling.LANCZOS)
+        top, left = (side - resized.size[1]) // 2, 0
+    else:
+        resized = image.resize((int(np.around(side * width / height)), side), Image.Resampling.LANCZOS)
+        top, left = 0, (side - resized.size[0]) // 2
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(resized, (left, top))
+    return canvas

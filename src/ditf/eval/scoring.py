@@ -1,0 +1,267 @@
+"""Scoring a correspondence benchmark: predict every pair's target keypoints under a protocol, then PCK.
+
+`score_pairs(dataset, source, protocol)` reads each image's feature map once (an LRU keeps the recent ones
+and the prepared targets), predicts, and returns the results dictionary. On a GPU the exact matcher runs
+there (`device=`); on the CPU the pairs can be spread over `workers` processes, each single-threaded, which
+scales where splitting the small float64 products over threads does not.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ditf.errors import DatasetError, InvalidArgumentError
+from ditf.eval.keypoints import CorrespondenceDataset, Frame, ImageRecord, KeypointPair
+from ditf.eval.metrics import PairOutcome, bbox_threshold, point_errors, summarize
+from ditf.eval.protocol import Protocol
+from ditf.eval.sources import FeatureSource
+from ditf.features.io import load_features
+from ditf.matching.correspondence import match_points_lowres, match_prepared, prepare_target, upsampled_vectors
+from ditf.versions import ditf_version
+
+FEATURE_LRU_IMAGES = 32
+"""Feature maps (and prepared targets) kept in memory while scoring."""
+
+
+class FeatureStore:
+    """Loads, checks and keeps the most recently used feature maps and prepared targets of one scoring run.
+
+    `load(image) -> (C, h, w)`; targets are prepared for the exact matcher on `device`.
+    """
+
+    def __init__(self, load: Callable[[ImageRecord], torch.Tensor], protocol: Protocol,
+                 device: torch.device | str = "cpu", capacity: int = FEATURE_LRU_IMAGES):
+        self._load = load
+        self.protocol = protocol
+        self.device = torch.device(device)
+        self.features = lru_cache(maxsize=capacity)(self._features)
+        self.target = lru_cache(maxsize=capacity)(self._target)
+
+    def _features(self, image: ImageRecord) -> torch.Tensor:
+        features = self._load(image)
+        if self.protocol.frame == "square_pad" and features.shape[1] != features.shape[2]:
+            raise DatasetError(
+                f"features of {image.path.name} are {features.shape[1]}x{features.shape[2]} (h x w) but "
+                "--protocol geoaware needs maps of the zero-padded square image (h == w); extract them "
+                "from the padded image or use --protocol ditf"
+            )
+        return features
+
+    def _target(self, image: ImageRecord) -> object:
+        return prepare_target(self.features(image), self.protocol.frame_for(image).size, device=self.device)
+
+
+@dataclass(frozen=True)
+class PairPrediction:
+    """Predicted target keypoints of one pair: `frame_points` (P, 2) in the protocol frame,
+    `image_points` (P, 2) in original target pixels, `outcome` the errors and threshold."""
+
+    frame_points: np.ndarray
+    image_points: np.ndarray
+    outcome: PairOutcome
+
+
+def predict_pair(pair: KeypointPair, store: FeatureStore, protocol: Protocol) -> PairPrediction:
+    """Match `pair`'s source keypoints into its target under `protocol` and measure the errors."""
+    src_feats = store.features(pair.source)
+    trg_feats = store.features(pair.target)
+    if src_feats.shape[0] != trg_feats.shape[0]:
+        raise DatasetError(
+            f"pair {pair.name}: source features have {src_feats.shape[0]} channels but target features have "
+            f"{trg_feats.shape[0]}; extract every image with the same model and settings"
+        )
+    src_frame = protocol.frame_for(pair.source)
+    trg_frame = protocol.frame_for(pair.target)
+    src_points = src_frame.to_frame(pair.source_points)
+    if protocol.matcher == "upsampled":
+        pixels = _floor_inside(src_points, src_frame.size)
+        vectors = upsampled_vectors(src_feats, src_frame.size, torch.from_numpy(pixels))
+        predicted = match_prepared(vectors, store.target(pair.target)).cpu().numpy().astype(np.float64)
+    else:
+        predicted = _patch_predictions(src_feats, trg_feats, src_points, src_frame, trg_frame)
+
+    if protocol.threshold == "bbox":
+        if pair.target_bbox is None:
+            raise DatasetError(f"pair {pair.name} has no target bounding box; use --threshold image")
+        threshold = bbox_threshold(pair.target_bbox) * trg_frame.scale
+    else:
+        threshold = float(max(trg_frame.size))
+    truth = trg_frame.to_frame(pair.target_points)
+    outcome = PairOutcome(pair.name, pair.category, point_errors(predicted, truth), threshold)
+    return PairPrediction(predicted, trg_frame.from_frame(predicted), outcome)
+
+
+def _floor_inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = size
+    pixels = np.floor(points).astype(np.int64)
+    pixels[:, 0] = pixels[:, 0].clip(0, width - 1)
+    pixels[:, 1] = pixels[:, 1].clip(0, height - 1)
+    return pixels
+
+
+def _patch_predictions(
+    src_feats: torch.Tensor, trg_feats: torch.Tensor, src_points: np.ndarray, src_frame: Frame, trg_frame: Frame
+) -> np.ndarray:
+    _, src_h, src_w = src_feats.shape
+    _, trg_h, trg_w = trg_feats.shape
+    cells = np.stack(
+        [np.floor(src_points[:, 0] * src_w / src_frame.size[1]), np.floor(src_points[:, 1] * src_h / src_frame.size[0])],
+        axis=1,
+    ).astype(np.int64)
+    cells[:, 0] = cells[:, 0].clip(0, src_w - 1)
+    cells[:, 1] = cells[:, 1].clip(0, src_h - 1)
+    target_cells = match_points_lowres(src_feats, trg_feats, torch.from_numpy(cells)).numpy()
+    stride_x, stride_y = trg_frame.size[1] / trg_w, trg_frame.size[0] / trg_h
+    return np.stack(
+        [target_cells[:, 0] * stride_x + math.floor(stride_x / 2), target_cells[:, 1] * stride_y + math.floor(stride_y / 2)],
+        axis=1,
+    )
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads (None: leave torch's setting), then restore it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _load_file(paths: dict[str, Path], image: ImageRecord) -> torch.Tensor:
+    return load_features(paths[image.key])[0]
+
+
+def _predict_chunk(pairs: list[KeypointPair], paths: dict[str, Path], protocol: Protocol) -> dict[str, PairPrediction]:
+    """A worker's share: its pairs' predictions, reading maps from their files, on one CPU thread."""
+    torch.set_num_threads(1)
+    store = FeatureStore(lambda image: _load_file(paths, image), protocol)
+    return {pair.name: predict_pair(pair, store, protocol) for pair in pairs}
+
+
+def _chunks_by_target(pairs: list[KeypointPair], count: int) -> list[list[KeypointPair]]:
+    """`pairs` in about `count` chunks that keep each target's pairs together (its prepared target is reused)."""
+    by_target: dict[str, list[KeypointPair]] = defaultdict(list)
+    for pair in pairs:
+        by_target[pair.target.key].append(pair)
+    groups = sorted(by_target.values(), key=len, reverse=True)
+    chunks: list[list[KeypointPair]] = [[] for _ in range(max(1, min(count, len(groups))))]
+    for group in groups:
+        min(chunks, key=len).extend(group)
+    return [chunk for chunk in chunks if chunk]
+
+
+def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol: Protocol, *, workers: int = 1,
+                  device: torch.device | str = "cpu", threads: int | None = None,
+                  progress: bool = True) -> dict[str, PairPrediction]:
+    """Every pair's prediction, by pair name, in dataset order.
+
+    `workers` > 1 spreads pairs over that many single-threaded processes reading the maps from their files
+    (CPU only); otherwise pairs are matched here, on `device`, with `threads` torch threads (None: as set).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InvalidArgumentError(f"workers={workers!r} must be a whole number >= 1.")
+    device = torch.device(device)
+    if workers > 1 and device.type != "cpu":
+        raise InvalidArgumentError(f"workers={workers} spreads scoring over CPU processes; with device={device} use "
+                                   "workers=1 (the GPU already runs the pairs in parallel).")
+    if workers == 1:
+        store = FeatureStore(source.load, protocol, device)
+        with torch_threads(threads):
+            found = {pair.name: predict_pair(pair, store, protocol)
+                     for pair in tqdm(dataset.pairs, desc="matching", disable=not progress)}
+    else:
+        paths = {image.key: source.path_for(image) for image in dataset.images()}
+        chunks = _chunks_by_target(list(dataset.pairs), 4 * workers)
+        found = {}
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool, \
+                tqdm(total=len(dataset.pairs), desc=f"matching ({workers} workers)", disable=not progress) as bar:
+            futures = [pool.submit(_predict_chunk, chunk, paths, protocol) for chunk in chunks]
+            for future in as_completed(futures):
+                done = future.result()
+                found.update(done)
+                bar.update(len(done))
+    return {pair.name: found[pair.name] for pair in dataset.pairs}
+
+
+def check_channels(images: list[ImageRecord], source: FeatureSource) -> None:
+    """DatasetError unless every image's map (checked from its header) has the same channel count."""
+    first: tuple[ImageRecord, int] | None = None
+    for image in images:
+        channels = source.inspect(image)[0]
+        if first is None:
+            first = (image, channels)
+        elif channels != first[1]:
+            raise DatasetError(
+                f"features of {image.key} have {channels} channels but those of {first[0].key} have {first[1]}; "
+                "extract every image with the same model and settings"
+            )
+
+
+def ensure_features(images: list[ImageRecord], source: FeatureSource, progress: bool = True) -> int:
+    """Make sure `source` has features for every image; extract missing ones if it can.
+
+    Returns how many were extracted. DatasetError listing the missing count when the source cannot
+    compute (a features folder, or a cache-only scoring step after sharded extraction).
+    """
+    missing = [image for image in tqdm(images, desc="checking features", disable=not progress, leave=False)
+               if not source.available(image)]
+    if missing and not source.can_compute:
+        examples = ", ".join(image.key for image in missing[:3])
+        raise DatasetError(f"{len(missing)} of {len(images)} images have no features (e.g. {examples}); {source.missing_hint}")
+    for image in tqdm(missing, desc="extracting features", disable=not progress):
+        source.load(image)
+    check_channels(images, source)
+    return len(missing)
+
+
+def score_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol: Protocol, *,
+                settings: dict | None = None, workers: int = 1, device: torch.device | str = "cpu",
+                threads: int | None = None, progress: bool = True) -> dict:
+    """Score `dataset` with features from `source` under `protocol` (extracting missing maps first).
+
+    Returns the results dictionary: `per_category` {category: {per_image, per_point, pairs,
+    points}}, `all_per_image`, `all_per_point`, `mean_per_image`, `mean_per_point` (percent, at
+    the protocol's first alpha), `by_alpha` (the other alphas), `protocol` (the card), `settings`,
+    `benchmark`, `ditf_version` and `pairs` {pair name: {category, pred_trg_kps (original target
+    pixels), correct, total}}.
+    """
+    ensure_features(dataset.images(), source, progress)
+    predictions = predict_pairs(dataset, source, protocol, workers=workers, device=device, threads=threads,
+                                progress=progress)
+    outcomes = [prediction.outcome for prediction in predictions.values()]
+    main_alpha, other_alphas = protocol.alphas[0], protocol.alphas[1:]
+    results = {"benchmark": dataset.describe(), "alpha": main_alpha}
+    results.update(summarize(outcomes, dataset.categories, main_alpha, protocol.rule))
+    results["by_alpha"] = {str(alpha): summarize(outcomes, dataset.categories, alpha, protocol.rule)
+                           for alpha in other_alphas}
+    results["protocol"] = protocol.card()
+    results["settings"] = dict(settings or {})
+    results["ditf_version"] = ditf_version()
+    integer_frame = protocol.frame == "original"
+    results["pairs"] = {
+        name: {
+            "category": prediction.outcome.category,
+            "pred_trg_kps": (prediction.image_points.astype(np.int64).tolist() if integer_frame
+                             else np.round(prediction.image_points, 3).tolist()),
+            "correct": int(prediction.outcome.correct(main_alpha, protocol.rule).sum()),
+            "total": int(prediction.outcome.errors.shape[0]),
+        }
+        for name, prediction in predictions.items()
+    }
+    return results
