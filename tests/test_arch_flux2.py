@@ -64,3 +64,12 @@ def test_the_pipeline_class_follows_the_variant_when_building_from_modules(fx, v
     built = DiTFeaturizer(fx.transformer, fx.vae, text_encoders=[pipe.text_encoder], tokenizers=[pipe.tokenizer])
     settings = dict(t=T, block=NUM_DOUBLE, ensemble=1, resolution=64, progress=False)
     assert torch.equal(built(photo(64, 48), PROMPT, **settings)[0], fx(photo(64, 48), PROMPT, **settings)[0])
+
+
+def test_vae_latents_default_to_the_posterior_mode_as_flux2_pipeline_encodes_images(fx):
+    settings = fx.settings(t=T, block=1, ensemble=2, resolution=64)
+    assert settings.vae_sample == "mode" and settings.sources["vae_sample"] == "flux2 family default"
+    latents = fx.noisy_latents(photo(64, 48), settings)
+    with torch.no_grad():
+        mode = fx.arch.encode_images(latents.prepared.pixels, None, torch.Generator())
+    assert latents.clean.shape[0] == 1 and torch.equal(latents.clean, mode)

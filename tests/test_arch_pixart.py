@@ -59,3 +59,21 @@ def test_latents_are_scaled_by_the_vae_config(fx, variant):
     raw = torch.randn(1, 4, 4, 4)
     scaling = {"alpha": 0.18215, "sigma": 0.13025}[variant]
     torch.testing.assert_close(fx.arch.normalize_latents(raw), raw * scaling)
+
+
+def test_noise_follows_the_pipelines_own_schedule_not_a_hard_coded_one(fx):
+    """A checkpoint whose scheduler config has other betas is noised with those betas, exactly."""
+    from diffusers import DDPMScheduler
+
+    from ditf.arch import arch_for
+
+    config = {**fx.text_pipeline.scheduler.config, "beta_end": 0.03}
+    x0, noise = latents_and_noise(LATENT_SHAPE)
+    other = arch_for(fx.transformer, fx.vae, config).noise_latents(x0, noise, T)
+    expected = DDPMScheduler.from_config(config).add_noise(x0, noise, torch.tensor([int(T)]))
+    assert torch.equal(other, expected) and not torch.allclose(other, fx.arch.noise_latents(x0, noise, T))
+
+
+def test_a_fractional_timestep_is_refused_not_rounded(fx):
+    with pytest.raises(InvalidArgumentError, match=r"t=261.5: pixart runs integer DDPM timesteps.*261 or 262"):
+        fx.settings(t=261.5, block=0, ensemble=1)

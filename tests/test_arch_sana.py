@@ -62,3 +62,17 @@ def test_sana_sprint_checkpoints_are_refused_at_load():
                                     caption_channels=8, sample_size=4, guidance_embeds=True)
     with pytest.raises(UnsupportedLayoutError, match="Sana-Sprint"):
         arch_for(sprint)
+
+
+def test_the_timestep_reaches_the_transformer_in_float32_as_sana_pipeline_passes_it(tiny_pipeline_dir):
+    """In bf16, 261 * timestep_scale would round (bf16 has 8 bits of mantissa: 261 -> 260); SanaPipeline keeps fp32."""
+    fx = DiTFeaturizer.from_pretrained(str(tiny_pipeline_dir("sana")), torch_dtype=torch.bfloat16, device="cpu")
+    seen = []
+    handle = fx.transformer.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["timestep"]),
+                                                      with_kwargs=True)
+    try:
+        fx(photo(128, 96), PROMPT, t=261, block=0, ensemble=1, resolution=128, progress=False)
+    finally:
+        handle.remove()
+    assert seen[0].dtype == torch.float32
+    assert seen[0].tolist() == [261.0 * fx.transformer.config.timestep_scale]

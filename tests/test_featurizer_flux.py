@@ -100,3 +100,42 @@ def test_released_text_encoders_keep_cached_prompts(flux_pipeline_dir):
         fx([IMAGE], prompt="a cat", **{**SETTINGS, "block": 19})
     with pytest.raises(InvalidArgumentError, match="released"):
         fx([IMAGE], prompt="a dog", **{**SETTINGS, "block": 19})
+
+
+def test_a_misspelt_keyword_is_refused_with_the_valid_ones(fx):
+    with pytest.raises(InvalidArgumentError, match=r"unknown setting 'discrad' \(did you mean 'discard'\?\).*Valid"):
+        fx([IMAGE], discrad=[11, 42], **SETTINGS)
+    with pytest.raises(InvalidArgumentError, match="did you mean 'discard'"):
+        fx.from_latents(torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 8), discrad=None, **SETTINGS)
+
+
+def test_call_and_from_latents_default_to_the_same_discard(fx):
+    """Both take `discard` from the same settings: "auto" unless told otherwise."""
+    latents = fx.noisy_latents(IMAGE, fx.settings(**SETTINGS))
+    from_image = fx.extract(IMAGE, **SETTINGS)
+    from_latents = fx.from_latents(latents.clean, latents.noise, **SETTINGS)
+    assert from_image.settings.discard == from_latents.settings.discard == "auto"
+    assert from_image.discarded == from_latents.discarded == [11, 42]
+    assert torch.equal(from_image.features, from_latents.features)
+
+
+def test_model_offload_moves_every_model_back_to_the_cpu_after_a_call(flux_pipeline_dir, monkeypatch):
+    """offload="model": a model runs on the device only while it is used; the others go back to the CPU before
+    it runs, and all of them when the call returns (accelerate's `offload()` is what moves a model to the CPU)."""
+    from accelerate.hooks import CpuOffload, UserCpuOffloadHook
+
+    events: list[tuple[str, str]] = []
+    run, offload = CpuOffload.pre_forward, UserCpuOffloadHook.offload
+    monkeypatch.setattr(CpuOffload, "pre_forward",
+                        lambda self, module, *a, **k: events.append(("run", type(module).__name__)) or run(self, module, *a, **k))
+    monkeypatch.setattr(UserCpuOffloadHook, "offload",
+                        lambda self: events.append(("offload", type(self.model).__name__)) or offload(self))
+    fx = DiTFeaturizer.from_pretrained(str(flux_pipeline_dir), device="cpu", offload="model", block=28)
+    events.clear()
+    fx([IMAGE, IMAGE], prompt="a cat", **SETTINGS, progress=False)
+    models = {name for kind, name in events if kind == "run"}
+    assert models == {"CLIPTextModel", "T5EncoderModel", "AutoencoderKL", "FluxTransformer2DModel"}
+    for name in models:  # the last thing that happens to every model is that it goes back to the CPU
+        assert [kind for kind, model in events if model == name][-1] == "offload"
+    transformer_runs = [i for i, event in enumerate(events) if event == ("run", "FluxTransformer2DModel")]
+    assert ("offload", "AutoencoderKL") in events[:transformer_runs[0]]  # the VAE left before the transformer ran

@@ -165,3 +165,70 @@ def test_bf16_on_a_cpu_without_bf16_matmul_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__matmul__", no_bf16)
     with pytest.raises(InvalidArgumentError, match=r"torch_dtype=torch.bfloat16 cannot run on this CPU.*use torch_dtype=torch.float32"):
         featurizer_module.check_dtype_on_device(torch.bfloat16, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------ weight variants and the hub cache
+def with_fp16_variant(folder, tmp_path):
+    """A copy of a transformer folder that also holds `diffusion_pytorch_model.fp16.safetensors`, whose weights are
+    the originals doubled (so a test can tell which file was read)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(folder, tmp_path / "transformer")
+    weights = load_file(copy / "diffusion_pytorch_model.safetensors")
+    save_file({k: (v * 2).half() for k, v in weights.items()}, copy / "diffusion_pytorch_model.fp16.safetensors")
+    return copy, weights
+
+
+def test_a_folder_with_weight_variants_is_read_once_for_the_asked_variant(flux_pipeline_dir, tmp_path):
+    from ditf.loading import load_transformer, weight_files
+
+    folder, weights = with_fp16_variant(flux_pipeline_dir / "transformer", tmp_path)
+    assert [f.name for f in weight_files(folder)] == ["diffusion_pytorch_model.safetensors"]
+    assert [f.name for f in weight_files(folder, "fp16")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    key = "transformer_blocks.0.norm1.linear.weight"
+    plain = load_transformer(folder, block=20).state_dict()[key]
+    doubled = load_transformer(folder, block=20, variant="fp16").state_dict()[key]
+    assert torch.equal(plain, weights[key]) and torch.equal(doubled, (weights[key] * 2).half().float())
+    with pytest.raises(UnknownModelError, match=r"no diffusion_pytorch_model.bf16.safetensors"):
+        weight_files(folder, "bf16")
+
+
+def test_a_sharded_checkpoint_is_read_through_its_index(flux_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ditf.loading import load_transformer, weight_files
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((flux_pipeline_dir / "transformer" / "config.json").read_bytes())
+    weights = load_file(flux_pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    names = sorted(weights)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, folder / shard)
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    assert [f.name for f in weight_files(folder)] == sorted(shards)
+    loaded = load_transformer(folder, block=28).state_dict()
+    assert all(torch.equal(loaded[k], weights[k]) for k in loaded)
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline(flux_pipeline_dir, tmp_path, monkeypatch, no_network):
+    """What `hf download` leaves in the cache (models--owner--name/snapshots/<commit>/...) is found by its hub id."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--ditf-tests--tiny-flux"
+    shutil.copytree(flux_pipeline_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fx = DiTFeaturizer.from_pretrained("ditf-tests/tiny-flux", block=24, device="cpu")
+    assert fx.vae is not None and fx.model == "ditf-tests/tiny-flux"
+    assert no_network == []

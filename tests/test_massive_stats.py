@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -343,8 +344,10 @@ def test_alignment_measures_overlap_with_gate_and_scale_peaks():
 
 
 def test_alignment_on_the_reference_flux_blocks_is_low_because_its_gates_are_random(flux_tiny_blocks):
+    gate = flux_tiny_blocks["k28_gate"].numpy()
+    largest = sorted(int(c) for c in np.argsort(-np.abs(gate), kind="stable")[: len(INJECTED)])
     result = adaln_alignment(INJECTED, flux_tiny_blocks["k28_gate"], flux_tiny_blocks["k28_scale"])
-    assert result.gate_peaks == [27, 54]  # the fixture injects MAs through img_in, not the gate
+    assert result.gate_peaks == largest and not set(largest) & set(INJECTED)  # MAs enter through img_in, not the gate
     assert result.gate_recall == 0.0
 
 

@@ -22,24 +22,13 @@ import torch
 from torch import nn
 
 from ditf.arch import adapters
-from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
+from ditf.building import build_prefix, check_diffusers_version, diffusers_dtype, not_a_dit, transformer_class
+from ditf.errors import UnknownModelError
 from ditf.registry import PRESETS, Preset, preset_for_hub_id
-from ditf.versions import supported_diffusers
+from ditf.single_file import load_single_file, resolve_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-def diffusers_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
-    """The dtype keyword for diffusers' `from_pretrained`: `dtype` since 0.42 (`torch_dtype` is deprecated
-    there), `torch_dtype` before; nothing when `dtype` is None."""
-    import diffusers
-    from packaging.version import Version
-
-    if dtype is None:
-        return {}
-    return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}
-
-
 
 
 @dataclass
@@ -68,8 +57,6 @@ def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block
     source = preset.hub_id if preset is not None else model
     path = Path(source).expanduser()
     if path.is_file():
-        from ditf.single_file import load_single_file, resolve_config
-
         transformer = load_single_file(path, config=config, torch_dtype=torch_dtype, block=block)
         pipeline_folder = resolve_config(config, path).pipeline
         if pipeline_folder is not None:
@@ -100,27 +87,6 @@ def _unknown_model(model: str) -> str:
     )
 
 
-def check_diffusers_version(version: str | None = None) -> None:
-    """Fail with the fix when the installed diffusers (or `version`) is outside ditf's supported range."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    if version is None:
-        import diffusers
-
-        version = diffusers.__version__
-    wanted = supported_diffusers()
-    try:
-        supported = Version(version) in SpecifierSet(wanted, prereleases=True)
-    except InvalidVersion:
-        supported = False
-    if not supported:
-        raise UnsupportedLayoutError(
-            f"diffusers {version} is installed, but ditf supports diffusers{wanted} (the block layouts its adapters "
-            f"hook). Install a supported version: pip install 'diffusers{wanted}'."
-        )
-
-
 def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | None, preset: Preset | None,
                 model: str, variant: str | None = None) -> LoadedComponents:
     """Load a local diffusers pipeline folder or a bare transformer folder."""
@@ -129,16 +95,16 @@ def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | N
         if "transformer" not in index:
             parts = ", ".join(f"{name}: {spec[1]}" for name, spec in index.items()
                               if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None)
-            raise UnknownModelError(_not_a_dit(model, None, f"its model_index.json has no transformer ({parts})"))
+            raise UnknownModelError(not_a_dit(model, None, f"its model_index.json has no transformer ({parts})"))
         transformer_class = index["transformer"][1]
         if transformer_class not in adapters():
-            raise UnknownModelError(_not_a_dit(model, transformer_class))
+            raise UnknownModelError(not_a_dit(model, transformer_class))
         transformer = load_transformer(folder / "transformer", block=block, torch_dtype=torch_dtype, variant=variant)
         return load_pipeline(folder, transformer, torch_dtype=torch_dtype, preset=preset, variant=variant)
     if (folder / "config.json").is_file():
         transformer = load_transformer(folder, block=block, torch_dtype=torch_dtype, variant=variant)
         return LoadedComponents(transformer, None, None, preset)
-    raise UnknownModelError(_not_a_dit(model, None))
+    raise UnknownModelError(not_a_dit(model, None))
 
 
 def load_pipeline(folder: Path, transformer: nn.Module, *, torch_dtype: torch.dtype | None,
@@ -157,31 +123,9 @@ def load_pipeline(folder: Path, transformer: nn.Module, *, torch_dtype: torch.dt
     return LoadedComponents(transformer, getattr(pipeline, "vae", None), pipeline, preset)
 
 
-def _not_a_dit(model: str, class_name: str | None, found: str | None = None) -> str:
-    if found is None:
-        found = f"its transformer is {class_name}" if class_name else "it has neither model_index.json nor config.json"
-    return (
-        f"{model!r} is not a supported DiT: {found}. Supported transformer classes: {', '.join(sorted(adapters()))}. "
-        "Pass a diffusers pipeline folder, a transformer folder, or a preset alias."
-    )
-
-
 def _looks_like_path(source: str) -> bool:
     """True unless `source` has the shape of a hub id, `owner/name`."""
     return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).suffix in (".safetensors", ".sft")
-
-
-def transformer_class(folder: Path) -> type[nn.Module]:
-    """The diffusers transformer class named by `folder/config.json`; errors when it is not a supported DiT."""
-    import diffusers
-
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise UnknownModelError(f"{str(folder)!r} has no config.json: it is not a diffusers transformer folder.")
-    name = json.loads(config_file.read_text()).get("_class_name")
-    if name not in adapters():
-        raise UnknownModelError(_not_a_dit(str(folder), name))
-    return getattr(diffusers, name)
 
 
 def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: torch.dtype | None = None,
@@ -233,29 +177,6 @@ def _with_variant(name: str, variant: str | None) -> str:
         return name
     head, _, last = name.rpartition(".")
     return f"{head}.{variant}.{last}"
-
-
-def build_prefix(cls: type[nn.Module], config: dict, block: int | None) -> nn.Module:
-    """`cls` built from its real `config` on the meta device, with blocks after global index `block` replaced by
-    `nn.Identity` (kept in place so that block counts, offsets and skips stay those of the full model).
-    `block=None` keeps every block."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = cls.from_config(config)
-    if block is None:
-        return model
-    lists = [getattr(model, stage) for stage in adapters()[cls.__name__].stages]
-    total = sum(len(blocks) for blocks in lists)
-    if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < total:
-        raise InvalidArgumentError(f"block={block!r} is out of range for {cls.__name__}: valid blocks are 0..{total - 1}.")
-    start = 0
-    for blocks in lists:
-        for local in range(len(blocks)):
-            if start + local > block:
-                blocks[local] = nn.Identity()
-        start += len(blocks)
-    return model
 
 
 def load_prefix_weights(model: nn.Module, files: list[Path], torch_dtype: torch.dtype | None) -> nn.Module:

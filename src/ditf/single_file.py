@@ -18,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ditf.arch.checkpoints import TensorSource
+from ditf.building import build_prefix, check_diffusers_version, transformer_class
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
 
 ALL_IN_ONE_PREFIX = "model.diffusion_model."
@@ -127,8 +127,6 @@ def load_single_file(path: str | Path, config: str | Path | None = None, torch_d
     only the tensors of blocks 0..k plus the non-block modules; later blocks are `nn.Identity` placeholders.
     Weights are cast to `torch_dtype` (default float32, as diffusers' `from_pretrained`).
     """
-    from ditf.loading import build_prefix, check_diffusers_version, transformer_class
-
     check_diffusers_version()
     path = Path(path).expanduser()
     if not path.is_file():

