@@ -8,13 +8,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 setup() {
-  if [ ! -f .venv/.ditf-installed ] || [ pyproject.toml -nt .venv/.ditf-installed ]; then
+  # Reinstall when pyproject.toml changed or another torch is asked for (the stamp records the DITF_TORCH used).
+  local torch_spec="${DITF_TORCH:-torch==2.13.0}"
+  if [ ! -f .venv/.ditf-installed ] || [ pyproject.toml -nt .venv/.ditf-installed ] \
+     || [ "$(cat .venv/.ditf-installed)" != "$torch_spec" ]; then
     python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
-    # torch first, pinned so pip does not pull another build; override with DITF_TORCH="torch==X" for CUDA wheels.
-    .venv/bin/python -m pip install -q "${DITF_TORCH:-torch==2.13.0}"
+    # torch first, pinned so pip does not pull another build; DITF_TORCH="torch==X" (or "torch") for CUDA wheels.
+    # Another torch than the one installed is asked for: remove it, or pip would call the request satisfied.
+    if [ -f .venv/.ditf-installed ] && [ "$(cat .venv/.ditf-installed)" != "$torch_spec" ]; then
+      .venv/bin/python -m pip uninstall -q -y torch
+    fi
+    .venv/bin/python -m pip install -q "$torch_spec"
     .venv/bin/python -m pip install -q -e ".[dev]"
-    touch .venv/.ditf-installed
+    echo "$torch_spec" > .venv/.ditf-installed
   fi
 }
 

@@ -56,3 +56,48 @@ def test_bad_inputs_exit_with_a_message(flux_pipeline_dir, tmp_path, capsys):
     code = main(["match", str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg"), "--points", "9999,5",
                  "--model", str(flux_pipeline_dir), "-o", str(tmp_path / "m.png"), *SMALL])
     assert code == 2 and "--points [[9999, 5]] lie outside" in capsys.readouterr().err
+
+
+def test_a_feature_file_is_reused_only_for_the_same_image_content_and_settings(flux_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    picture = tmp_path / "pic.jpg"
+    shutil.copy(EXAMPLES / "cat1.jpg", picture)
+    run = ["features", str(picture), "--model", str(flux_pipeline_dir), "-o", str(tmp_path / "out"), *SMALL]
+    assert main(run) == 0 and "wrote 1, skipped 0" in capsys.readouterr().out
+    assert main(run) == 0 and "wrote 0, skipped 1" in capsys.readouterr().out
+    shutil.copy(EXAMPLES / "cat2.jpg", picture)  # same name, another picture
+    assert main(run) == 0 and "wrote 1, skipped 0" in capsys.readouterr().out
+    assert main(run + ["--half"]) == 0 and "wrote 1, skipped 0" in capsys.readouterr().out
+    assert load_features(tmp_path / "out" / "pic.safetensors")[0].dtype.itemsize == 2
+
+
+def test_the_libraries_loading_bars_and_notices_are_hidden_unless_verbose(flux_pipeline_dir, tmp_path, capsys):
+    argv = ["features", str(EXAMPLES / "cat1.jpg"), "--model", str(flux_pipeline_dir), "-o", str(tmp_path), *SMALL]
+    assert main(argv) == 0
+    quiet = capsys.readouterr().err
+    assert "Loading pipeline components" not in quiet and "Loading weights" not in quiet
+    assert main(["--verbose", *argv, "--overwrite"]) == 0
+    assert "Loading pipeline components" in capsys.readouterr().err
+
+
+def test_the_smoke_model_says_its_matches_are_meaningless(flux_pipeline_dir, tmp_path, capsys):
+    code = main(["match", str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg"), "--points", "186,185",
+                 "--model", str(flux_pipeline_dir), "-o", str(tmp_path) + "/", *SMALL])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["random_weights"].startswith("random-weight smoke model")
+    assert (tmp_path / "match.png").is_file()
+
+
+def test_smoke_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    import ditf.smoke
+
+    def dies_half_way(folder, transformer):
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ditf.smoke, "_save_flux_smoke_pipeline", dies_half_way)
+    assert main(["smoke-model", str(tmp_path / "smoke")]) == 130
+    assert list(tmp_path.iterdir()) == []  # neither the model folder nor its staging folder

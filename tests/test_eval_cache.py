@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -183,7 +184,7 @@ class FakeFeaturizer:
         self.calls.append({"image": image, "settings": settings})
         if isinstance(image, Image.Image):  # the square-padded image of --protocol geoaware
             assert image.size[0] == image.size[1]
-            return FakeResult(torch.ones(8, 4, 4))
+            return FakeResult(torch.arange(8 * 16, dtype=torch.float32).reshape(8, 4, 4))
         return FakeResult(load_file(REAL / "features" / "aeroplane" / f"{Path(image).stem}.safetensors")["features"])
 
 
@@ -202,13 +203,13 @@ def fake_featurizer(monkeypatch):
 
 
 def test_the_model_is_loaded_lazily_up_to_the_block_with_the_variant_settings(dataset, tmp_path, fake_featurizer):
-    extractor = DiTFExtractor("tiny-model", task="spair", variant="raw", block=3, t=261, ensemble=2, resolution=64,
+    extractor = DiTFExtractor("ditf-tests/tiny-model", task="spair", variant="raw", block=3, t=261, ensemble=2, resolution=64,
                               dtype="fp32", device="cpu")
     source = CachedExtractor(extractor, tmp_path, PromptPolicy(extractor.prompt_mode))
     assert fake_featurizer.loads == [] and extractor.prompt_mode == "class"
     source.load(dataset.images()[0])
     source.load(dataset.images()[1])
-    assert fake_featurizer.loads == [("tiny-model", {"torch_dtype": torch.float32, "device": "cpu", "block": 3,
+    assert fake_featurizer.loads == [("ditf-tests/tiny-model", {"torch_dtype": torch.float32, "device": "cpu", "block": 3,
                                                      "offload": None, "config": None, "variant": None})]
     settings = fake_featurizer.calls[0]["settings"]
     assert settings.prompt == "a photo of a aeroplane"
@@ -237,7 +238,7 @@ def test_baselines_key_the_cache_with_their_settings_and_published_prompt_mode(t
 
 
 def test_geoaware_extraction_sees_the_square_padded_image(dataset, tmp_path, fake_featurizer):
-    extractor = DiTFExtractor("tiny-model", block=3, t=261, ensemble=1, resolution=64, device="cpu")
+    extractor = DiTFExtractor("ditf-tests/tiny-model", block=3, t=261, ensemble=1, resolution=64, device="cpu")
     with pytest.raises(DatasetError, match="h == w"):  # the fixture's maps are not square: only a padded image is
         evaluate_spair(REAL, features=REAL / "features", protocol="geoaware", progress=False)
     results = evaluate_spair(REAL, extractor=extractor, protocol="geoaware", pad_size=64, cache_dir=tmp_path,
@@ -248,7 +249,7 @@ def test_geoaware_extraction_sees_the_square_padded_image(dataset, tmp_path, fak
 
 
 def test_cli_shards_then_scores_from_the_cache(tmp_path, fake_featurizer, capsys):
-    base = ["eval", "spair", "--root", str(REAL), "--model", "tiny-model", "--block", "3", "--t", "261",
+    base = ["eval", "spair", "--root", str(REAL), "--model", "ditf-tests/tiny-model", "--block", "3", "--t", "261",
             "--ensemble", "1", "--resolution", "64", "--dtype", "fp32", "--device", "cpu",
             "--cache", str(tmp_path / "cache"), "--quiet"]
     assert main(base + ["--shard", "0/2"]) == 0
@@ -259,7 +260,7 @@ def test_cli_shards_then_scores_from_the_cache(tmp_path, fake_featurizer, capsys
     assert main(base + ["--cache-only", "--output", str(tmp_path / "r.json")]) == 0
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["all_per_point"] == EXPECTED["all_per_point"]
-    assert results["settings"]["model"] == "tiny-model" and results["settings"]["variant"] == "ditf"
+    assert results["settings"]["model"] == "ditf-tests/tiny-model" and results["settings"]["variant"] == "ditf"
     assert len(fake_featurizer.loads) == 2  # one per shard process; the scoring run never loads the model
 
 
@@ -291,3 +292,68 @@ def test_results_are_written_atomically(tmp_path):
         write_json_atomic(path, {"per_category": {"cat": float("nan")}})
     assert json.loads(path.read_text()) == {"all_per_point": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# ------------------------------------------------------------------ what a cache entry is keyed by
+def test_a_model_is_keyed_by_its_files_not_by_how_its_path_is_spelt(flux_pipeline_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file as read, save_file as write
+
+    from ditf.fingerprint import model_identity
+
+    folder = Path(shutil.copytree(flux_pipeline_dir, tmp_path / "smoke"))
+    monkeypatch.chdir(tmp_path)
+    spellings = [model_identity(name) for name in ("smoke", "./smoke", str(folder), str(folder) + "/")]
+    assert all(identity == spellings[0] for identity in spellings)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = read(weights)
+    write({name: tensor + 1 for name, tensor in tensors.items()}, weights)  # other weights, same names and shapes
+    assert model_identity("smoke") != spellings[0]
+    assert model_identity("flux-dev") == {"kind": "hub", "repo": "black-forest-labs/FLUX.1-dev", "revision": None}
+
+
+def test_changed_weights_miss_the_cache(flux_pipeline_dir, tmp_path):
+    folder = Path(shutil.copytree(flux_pipeline_dir, tmp_path / "model"))
+    settings = dict(block=20, t=261, ensemble=1, resolution=64, device="cpu")
+    image = load_spair(REAL).images()[0]
+    before = CachedExtractor(DiTFExtractor(str(folder), **settings), tmp_path / "cache").key_for(image)
+    config = folder / "transformer" / "config.json"
+    config.write_text(config.read_text())  # rewritten: a new modification time, as after a new download
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    assert CachedExtractor(DiTFExtractor(str(folder), **settings), tmp_path / "cache").key_for(image) != before
+
+
+def test_two_processes_on_one_cache_compute_each_entry_once(dataset, tmp_path):
+    """The second asks for an entry while the first computes it: it waits for the lock, then reads the entry."""
+    import threading
+    import time
+
+    started = threading.Event()
+
+    class Slow(FixtureFeatures):
+        def __call__(self, image_path, prompt):
+            started.set()
+            time.sleep(0.3)
+            return super().__call__(image_path, prompt)
+
+    first, second = Slow(), FixtureFeatures()
+    image = dataset.images()[0]
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(first=CachedExtractor(first, tmp_path).load(image)))
+    worker.start()
+    started.wait(5)
+    results["second"] = CachedExtractor(second, tmp_path).load(image)
+    worker.join()
+    assert len(first.calls) == 1 and second.calls == []
+    assert torch.equal(results["first"], results["second"])
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path):
+    from ditf.io import _HOST, write_text_atomic
+
+    target = tmp_path / "results.json"
+    orphan = tmp_path / f".results.json.{_HOST}.999999999.deadbeef.tmp"  # a pid that no process has
+    live = tmp_path / f".results.json.{_HOST}.{os.getpid()}.cafe0000.tmp"  # this process: a live writer
+    orphan.write_text("half")
+    live.write_text("being written")
+    write_text_atomic(target, "{}")
+    assert not orphan.exists() and live.exists() and target.read_text() == "{}"

@@ -90,7 +90,7 @@ def test_auto_disruption_everywhere(flux_pipeline_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["guide", "--weight", "2", "--blocks", "10,11"], "Detail Guidance disrupts one block m"),
-    (["disrupt", "--blocks", "29"], r"block=29 is out of range .* 0\.\.28"),
+    (["disrupt", "--blocks", "29"], r"--blocks 29 is out of range .* 0\.\.28"),
     (["disrupt", "--channels", "99", "--blocks", "0"], r"\[99\] are out of range; valid channel indices are 0\.\.63"),
 ])
 def test_interventions_refuse_bad_options_with_a_clear_message(flux_pipeline_dir, tmp_path, capsys, argv, message):

@@ -150,7 +150,7 @@ def test_single_noised_forward_reproduces_the_reference_block_inputs():
 
 
 def test_a_block_that_does_not_exist_names_the_valid_range(pipe):
-    with pytest.raises(InvalidArgumentError, match=r"block=29 is out of range .* valid blocks are 0\.\.28"):
+    with pytest.raises(InvalidArgumentError, match=r"blocks=29 is out of range .* valid blocks are 0\.\.28"):
         with intervene(pipe, [Record(blocks=[29])]):
             pass
     assert leftover_hooks(pipe.transformer) == []

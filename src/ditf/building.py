@@ -5,7 +5,6 @@ Shared by loading from folders and hubs (`ditf.loading`) and from single files (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 
 from ditf.arch import adapters
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
+from ditf.model_files import read_json
 from ditf.versions import supported_diffusers
 
 
@@ -55,9 +55,10 @@ def transformer_class(folder: Path) -> type[nn.Module]:
     import diffusers
 
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise UnknownModelError(f"{str(folder)!r} has no config.json: it is not a diffusers transformer folder.")
-    name = json.loads(config_file.read_text()).get("_class_name")
+    config = read_json(config_file, "the transformer config")
+    name = config.get("_class_name") if isinstance(config, dict) else None
     if name not in adapters():
         raise UnknownModelError(not_a_dit(str(folder), name))
     return getattr(diffusers, name)

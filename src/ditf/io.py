@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,13 +22,50 @@ def _umask() -> int:
     return mask
 
 
+_HOST = socket.gethostname().replace(".", "-")
+
+
+def _temporary_name(target: Path) -> Path:
+    """`.<name>.<host>.<pid>.<random>.tmp` beside `target`: whose it is, so orphans can be told from live writes."""
+    return target.with_name(f".{target.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def remove_orphans(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed writers of `path` left behind (written on this host by a process
+    that no longer runs); return them. A live writer's file is kept."""
+    target = Path(path)
+    removed = []
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.{_HOST}.*.tmp"):
+        pid = candidate.name[len(target.name) + len(_HOST) + 3:].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder to write to; when the block succeeds the file is moved
-    onto `path` in one step (with the permissions a plain new file would get), otherwise it is deleted."""
+    onto `path` in one step (with the permissions a plain new file would get), otherwise it is deleted.
+    Temporary files of earlier writers of `path` that were killed are removed first."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot create the folder {str(target.parent)!r} for {target.name} ({err.strerror}); "
+                                   "choose an output location you can write to.") from err
+    remove_orphans(target)
+    temporary = _temporary_name(target)
     try:
         yield temporary
         os.chmod(temporary, 0o666 & ~_umask())

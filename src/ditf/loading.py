@@ -24,6 +24,7 @@ from torch import nn
 from ditf.arch import adapters
 from ditf.building import build_prefix, check_diffusers_version, diffusers_dtype, not_a_dit, transformer_class
 from ditf.errors import UnknownModelError
+from ditf.model_files import check_pipeline_folder, check_safetensors, read_json
 from ditf.registry import PRESETS, Preset, preset_for_hub_id
 from ditf.single_file import load_single_file, resolve_config
 
@@ -72,6 +73,44 @@ def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block
     return load_folder(folder, torch_dtype=torch_dtype, block=block, preset=preset, model=model, variant=variant)
 
 
+def check_model_reference(model: str) -> None:
+    """Refuse a model reference that is no alias, no existing path and not shaped like a hub id (owner/name),
+    suggesting the closest aliases."""
+    if model in PRESETS or Path(model).expanduser().exists():
+        return
+    if _looks_like_path(model):
+        raise UnknownModelError(_unknown_model(model))
+
+
+def check_model(model: str, *, needs: tuple[str, ...] = ("transformer",), config: str | None = None) -> None:
+    """Before anything loads: the reference resolves (`check_model_reference`), a local model has the components
+    a run `needs` ("transformer", "vae", ...), and every component its `model_index.json` lists is there and
+    readable (`ditf.model_files`). Hub ids and aliases are checked when they are downloaded."""
+    check_model_reference(model)
+    preset = PRESETS.get(model)
+    path = Path(preset.hub_id if preset is not None else model).expanduser()
+    if path.is_file():
+        pipeline = resolve_config(config, path).pipeline
+        if pipeline is None and set(needs) - {"transformer"}:
+            raise UnknownModelError(
+                f"{model!r} is a single-file transformer and config={config!r} names only its config, but this run "
+                f"needs {', '.join(sorted(set(needs) - {'transformer'}))}: pass config=<a pipeline folder> (with "
+                "model_index.json, vae/, ...) to load them with it."
+            )
+        if pipeline is not None:
+            check_pipeline_folder(pipeline, set(needs) - {"transformer"})
+        return
+    if not path.is_dir():
+        return
+    if (path / "model_index.json").exists():
+        check_pipeline_folder(path, needs)
+    elif set(needs) - {"transformer"}:
+        raise UnknownModelError(
+            f"{model!r} is a bare transformer folder, but this run needs {', '.join(sorted(set(needs) - {'transformer'}))}"
+            f": pass the pipeline folder around it (with model_index.json), or pass latents (from_latents)."
+        )
+
+
 def _unknown_model(model: str) -> str:
     """Message for a `model` that is no alias, no existing path and not shaped like a hub id."""
     if "/" not in model and "\\" not in model and not Path(model).suffix:
@@ -90,15 +129,16 @@ def _unknown_model(model: str) -> str:
 def load_folder(folder: Path, *, torch_dtype: torch.dtype | None, block: int | None, preset: Preset | None,
                 model: str, variant: str | None = None) -> LoadedComponents:
     """Load a local diffusers pipeline folder or a bare transformer folder."""
-    if (folder / "model_index.json").is_file():
-        index = json.loads((folder / "model_index.json").read_text())
-        if "transformer" not in index:
+    if (folder / "model_index.json").exists():
+        index = read_json(folder / "model_index.json", "the pipeline index")
+        if not isinstance(index, dict) or "transformer" not in index:
             parts = ", ".join(f"{name}: {spec[1]}" for name, spec in index.items()
                               if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None)
             raise UnknownModelError(not_a_dit(model, None, f"its model_index.json has no transformer ({parts})"))
         transformer_class = index["transformer"][1]
         if transformer_class not in adapters():
             raise UnknownModelError(not_a_dit(model, transformer_class))
+        check_pipeline_folder(folder)  # every listed component is there and readable, before any weight is read
         transformer = load_transformer(folder / "transformer", block=block, torch_dtype=torch_dtype, variant=variant)
         return load_pipeline(folder, transformer, torch_dtype=torch_dtype, preset=preset, variant=variant)
     if (folder / "config.json").is_file():
@@ -137,11 +177,13 @@ def load_transformer(folder: Path, *, block: int | None = None, torch_dtype: tor
     """
     check_diffusers_version()
     cls = transformer_class(folder)
+    files = weight_files(folder, variant)
+    for file in files:
+        check_safetensors(file)
     if block is None:
-        weight_files(folder, variant)  # the same check and message as partial loading
         return cls.from_pretrained(folder, variant=variant, **diffusers_dtype(torch_dtype)).eval()
     model = build_prefix(cls, cls.load_config(folder), block)
-    return load_prefix_weights(model, weight_files(folder, variant), torch_dtype)
+    return load_prefix_weights(model, files, torch_dtype)
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:

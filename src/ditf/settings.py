@@ -203,7 +203,7 @@ def parse_discard(value: Any) -> Discard:
         parts = [part.strip() for part in value.split(",")]
         if not all(part.isdigit() for part in parts):
             raise InvalidArgumentError(
-                f"discard {value!r}: use auto, none, or channel indices separated by commas, like 154,1446."
+                f"discard={value!r}: use auto, none, or channel indices separated by commas, like 154,1446."
             )
         value = [int(part) for part in parts]
     if isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):

@@ -24,6 +24,7 @@ from torch import nn
 
 from ditf.arch.checkpoints import TensorSource
 from ditf.building import build_prefix, check_diffusers_version, transformer_class
+from ditf.model_files import check_safetensors
 from ditf.errors import InvalidArgumentError, UnknownModelError, UnsupportedLayoutError
 
 ALL_IN_ONE_PREFIX = "model.diffusion_model."
@@ -134,6 +135,7 @@ def load_single_file(path: str | Path, config: str | Path | None = None, torch_d
     folders = resolve_config(config, path)
     cls = transformer_class(folders.transformer)
     shapes = read_shapes(path)
+    check_safetensors(path)
     model = build_prefix(cls, cls.load_config(folders.transformer), block)
     layout = detect_layout(shapes, model)
     state = read_checkpoint(path, layout, model, shapes, torch_dtype)

@@ -8,11 +8,16 @@ model hub. Tokenizers are letter-level and written to disk, so nothing is downlo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import string
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ditf.errors import InvalidArgumentError
 
 LETTERS = list(string.ascii_lowercase)
 
@@ -98,14 +103,37 @@ def flux_smoke_transformer(seed: int = 0, massive_channels: tuple[int, ...] = (1
     return model.eval()
 
 
+SMOKE_MARKER = "SMOKE_MODEL.txt"
+"""File in every smoke model folder: results of such a folder are labelled as coming from random weights."""
+
+
+def is_smoke_model(model: str | Path | None) -> bool:
+    """True when `model` is a local folder holding a random-weight smoke model."""
+    return model is not None and (Path(model).expanduser() / SMOKE_MARKER).is_file()
+
+
 def build_flux_smoke_pipeline(folder: str | Path, transformer: nn.Module | None = None) -> Path:
     """Save a random-weight FLUX.1 pipeline (transformer, VAE, CLIP + T5, scheduler) to `folder`.
 
-    `DiTFeaturizer.from_pretrained(folder)` then loads it like any diffusers FLUX folder.
+    Built in a temporary folder beside `folder` and renamed into place, so `folder` is either complete or
+    absent. `DiTFeaturizer.from_pretrained(folder)` then loads it like any diffusers FLUX folder.
     """
+    folder = Path(folder)
+    if folder.exists():
+        raise InvalidArgumentError(f"{str(folder)!r} exists already; build the smoke model into a new folder.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        _save_flux_smoke_pipeline(staging / "pipeline", transformer)
+        os.rename(staging / "pipeline", folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _save_flux_smoke_pipeline(folder: Path, transformer: nn.Module | None) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    folder = Path(folder)
     transformer = transformer if transformer is not None else flux_smoke_transformer()
     clip_tok = clip_tokenizer(folder.parent / f".{folder.name}_clip_vocab")
     t5_tok = t5_tokenizer()
@@ -119,7 +147,6 @@ def build_flux_smoke_pipeline(folder: str | Path, transformer: nn.Module | None 
         transformer=transformer,
     )
     pipe.save_pretrained(folder)
-    (folder / "SMOKE_MODEL.txt").write_text(
+    (folder / SMOKE_MARKER).write_text(
         "Random-weight FLUX.1-architecture smoke model built by ditf.smoke. Its features are meaningless.\n"
     )
-    return folder

@@ -17,6 +17,7 @@ from ditf.baselines.dift import DIFT_HUB_ID, DiftFeaturizer, DiftSettings, with_
 from ditf.baselines.dinov2 import Dinov2Featurizer, Dinov2Settings
 from ditf.errors import InvalidArgumentError
 from ditf.features.preprocess import ImageInput
+from ditf.fingerprint import model_identity
 
 BaselineFeaturizer = Union[DiftFeaturizer, Dinov2Featurizer]
 
@@ -116,8 +117,8 @@ class BaselineExtractor:
         return self._featurizer
 
     def describe(self) -> dict:
-        """The baseline's name and settings (JSON values)."""
-        return {"baseline": self.name, **self.settings}
+        """The baseline's name, settings (JSON values) and what its weights resolve to (`model_identity`)."""
+        return {"baseline": self.name, **self.settings, "model_identity": model_identity(self.settings["model"])}
 
     def __call__(self, image: ImageInput, prompt: str = "") -> torch.Tensor:
         """Feature map (C, h, w), fp32 on the CPU, of `image` (a path or PIL image) under this baseline's settings."""

@@ -7,6 +7,8 @@ stay out of the settings overrides, so `ditf.settings.resolve_settings` alone de
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ditf.errors import InvalidArgumentError
@@ -14,7 +16,14 @@ from ditf.settings import DTYPES, VAE_SAMPLES, VARIANTS, FeatureSettings, resolv
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default in `--help` (omitted where the default is "not given")."""
+    """Shows each option's default in `--help`; options whose default is "not given" (None, False) say in their
+    help what applies instead (usually the model's preset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -50,6 +59,34 @@ def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = Tru
     group.add_argument("--seed", type=int, help="noise seed (default: 0)")
     group.add_argument("--vae-sample", choices=list(VAE_SAMPLES), help="VAE posterior: a sample per member, shared, or the mode")
     group.add_argument("--max-batch", type=int, help="ensemble members per forward pass (default: all)")
+    add_max_pixels(parser)
+
+
+def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    """Add --max-pixels, the largest input image read (see `ditf.features.preprocess.MAX_PIXELS`)."""
+    parser.add_argument("--max-pixels", type=int, help="largest input image in pixels (width x height) (default: 100000000)")
+
+
+@contextmanager
+def max_pixels_limit(args: argparse.Namespace) -> Iterator[None]:
+    """Inside the block, --max-pixels is the limit of every image read (and PIL's own, when higher)."""
+    limit = getattr(args, "max_pixels", None)
+    if limit is None:
+        yield
+        return
+    if limit < 1:
+        raise InvalidArgumentError(f"--max-pixels {limit} must be at least 1.")
+    from PIL import Image
+
+    from ditf.features import preprocess
+
+    previous = preprocess.MAX_PIXELS, Image.MAX_IMAGE_PIXELS
+    preprocess.MAX_PIXELS = limit
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, limit)
+    try:
+        yield
+    finally:
+        preprocess.MAX_PIXELS, Image.MAX_IMAGE_PIXELS = previous
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -83,17 +120,40 @@ def resolve_cli_settings(args: argparse.Namespace, task: str | None = None, **fi
 
     Resolved before any model loads, so a missing or invalid setting is reported at once.
     """
+    from ditf.loading import check_model_reference
     from ditf.registry import preset_for
 
+    check_model_reference(args.model)
+    max_batch = getattr(args, "max_batch", None)
+    if max_batch is not None and max_batch < 1:
+        raise InvalidArgumentError(f"--max-batch {max_batch}: give at least 1 ensemble member per forward pass "
+                                   "(leave it out to run all members at once).")
     return resolve_settings(preset_for(args.model), task=task, model=args.model, dtype=args.dtype,
                             **{**settings_overrides(args), **fixed})
+
+
+def quiet_loading() -> None:
+    """Hide diffusers' and transformers' loading bars and notices while a model loads, unless --verbose."""
+    import os
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    quiet = os.environ.get("DITF_QUIET_LIBRARIES") == "1"
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar() if quiet else library.enable_progress_bar()
+        library.set_verbosity_error() if quiet else library.set_verbosity_warning()
 
 
 def device_of(args: argparse.Namespace) -> str:
     """--device, or CUDA when available (cuda:<LOCAL_RANK> under torchrun / accelerate), else cpu."""
     from ditf.eval.extractors import default_device
+    from ditf.features.featurizer import check_device
 
-    return args.device or default_device()
+    if args.device is None:
+        return default_device()
+    check_device(args.device, "device")
+    return args.device
 
 
 def load_featurizer(args: argparse.Namespace, settings: FeatureSettings) -> Any:
@@ -102,6 +162,7 @@ def load_featurizer(args: argparse.Namespace, settings: FeatureSettings) -> Any:
     from ditf.settings import torch_dtype
 
     device = device_of(args)
+    quiet_loading()
     return DiTFeaturizer.from_pretrained(args.model, torch_dtype=torch_dtype(settings.dtype, device), device=device,
                                          block=settings.block if settings.block >= 0 else None, offload=args.offload,
                                          config=args.config, variant=args.weights_variant)

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, device_of, resolve_cli_settings
+from ditf.cli.outputs import check_output_file
 from ditf.errors import InvalidArgumentError
 from ditf.eval.ap10k import AP10K_SPLITS, AP10K_SUBSETS
 from ditf.eval.pfpascal import PF_PASCAL_SPLITS
@@ -63,6 +64,8 @@ def _common_options() -> argparse.ArgumentParser:
     protocol.add_argument("--matcher", choices=MATCHERS, help="override the protocol's matcher")
     protocol.add_argument("--pad-size", type=int, help=f"square side of --protocol geoaware (default: {GEOAWARE_PAD_SIZE})")
     protocol.add_argument("--workers", type=int, default=1, help="CPU processes scoring pairs in parallel")
+    protocol.add_argument("--allow", default="", metavar="CHECKS",
+                          help="feature-map checks to switch off, comma-separated: constant, aspect")
 
     source = parser.add_argument_group("features (exactly one of --features / --model / --baseline)")
     source.add_argument("--features", help="folder of <category>/<image stem>.safetensors (tensor 'features', (C, h, w))")
@@ -86,9 +89,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from ditf.eval import api
     from ditf.eval.report import format_protocol_card, markdown_table, write_results
 
+    if args.output is not None:
+        check_output_file(args.output, "--output", (".json",))
+    elif args.plot:
+        raise InvalidArgumentError("--plot writes figures next to the results file: add --output results.json.")
+    if args.workers < 1:
+        raise InvalidArgumentError(f"--workers {args.workers}: give at least 1 (processes scoring pairs).")
+    allow = [check.strip() for check in args.allow.split(",") if check.strip()]
     options = dict(source_options(args), protocol=args.protocol, threshold=args.threshold, matcher=args.matcher,
                    pad_size=args.pad_size, categories=args.categories, split=args.split, workers=args.workers,
-                   progress=not args.quiet)
+                   allow=allow, progress=not args.quiet)
     if args.benchmark == "spair":
         from ditf.eval.spair import parse_filters
 

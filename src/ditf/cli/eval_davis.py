@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, device_of, resolve_cli_settings
+from ditf.cli.outputs import FIGURE_SUFFIXES, check_output_file, check_output_folder
 from ditf.registry import TASK_DEFAULTS
 
 DAVIS_PROTOCOL = TASK_DEFAULTS["davis"].protocol
@@ -45,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     frames.add_argument("--size-multiple", type=int,
                         help=f"long side floored to this multiple (default: {DAVIS_PROTOCOL['size_multiple']})")
     frames.add_argument("--n-last-frames", type=int, default=DAVIS_PROTOCOL["n_last_frames"], help="previous frames used")
-    frames.add_argument("--radius", type=int, default=DAVIS_PROTOCOL["neighborhood_radius"], help="window radius in cells")
+    frames.add_argument("--neighborhood-radius", type=int, default=DAVIS_PROTOCOL["neighborhood_radius"],
+                        help="window radius in cells")
     frames.add_argument("--topk", type=int, default=DAVIS_PROTOCOL["topk"], help="neighbours kept per cell")
     frames.add_argument("--temperature", type=float, default=DAVIS_PROTOCOL["temperature"], help="softmax temperature")
     davis.set_defaults(func=run_propagate_and_score)
@@ -62,6 +64,7 @@ def run_score(args: argparse.Namespace) -> int:
     """Score `--results` and print the global J&F numbers (and write `--output`, `--plot`)."""
     from ditf.eval.davis import score_davis
 
+    _check_outputs(args.output, args.plot, "--output")
     scores = score_davis(args.root, args.results, args.split, sequences=args.sequences, output=args.output,
                          progress=not args.quiet)
     _report(scores, args.output, args.plot)
@@ -74,16 +77,25 @@ def run_propagate_and_score(args: argparse.Namespace) -> int:
     from ditf.eval.extractors import DiTFExtractor
     from ditf.matching.propagation import PropagationSettings
 
+    check_output_folder(args.output, "--output")
+    _check_outputs(args.scores, args.plot, "--scores")
+    propagation = PropagationSettings(args.n_last_frames, args.neighborhood_radius, args.topk, args.temperature)
     settings = resolve_cli_settings(args, task="davis")
     extractor = DiTFExtractor(args.model, settings, task="davis", device=device_of(args), offload=args.offload,
                               config=args.config, variant_files=args.weights_variant)
-    propagation = PropagationSettings(args.n_last_frames, args.radius, args.topk, args.temperature)
     scores_path = args.scores or args.output / "jf.json"
     scores = evaluate_davis(args.root, args.output, extractor=extractor, split=args.split, sequences=args.sequences,
                             short_side=args.short_side, size_multiple=args.size_multiple, propagation=propagation,
                             scores=scores_path, progress=not args.quiet)
     _report(scores, scores_path, args.plot)
     return 0
+
+
+def _check_outputs(scores: Path | None, plot: Path | None, scores_flag: str) -> None:
+    if scores is not None:
+        check_output_file(scores, scores_flag, (".json",))
+    if plot is not None:
+        check_output_file(plot, "--plot", FIGURE_SUFFIXES)
 
 
 def _report(scores: dict, output: Path | None, plot: Path | None) -> None:

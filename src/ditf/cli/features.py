@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, load_featurizer, resolve_cli_settings
+from ditf.cli.outputs import FIGURE_SUFFIXES, check_output_file, check_output_folder
 from ditf.errors import InvalidArgumentError
+
+
+RANDOM_WEIGHTS_NOTE = "random-weight smoke model: these matches are meaningless"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,16 +65,19 @@ def run_features(args: argparse.Namespace) -> int:
 
     from ditf.eval.cache import file_sha256
     from ditf.features.io import read_feature_header, save_features
-    from ditf.features.preprocess import load_image
     from ditf.errors import DatasetError
+    from ditf.features.preprocess import load_image
+    from ditf.fingerprint import model_identity
+    from ditf.loading import check_model
     from ditf.versions import ditf_version
 
     images = [Path(p) for p in args.images]
     for image in images:
         load_image(image)  # fail on a missing or corrupt file before loading a model
     settings = resolve_cli_settings(args)
-    targets = feature_files(images, Path(args.output))
-    wanted = {"settings": settings.to_dict(), "half": args.half}
+    check_model(args.model, needs=("transformer", "vae"), config=args.config)
+    targets = feature_files(images, check_output_folder(args.output, "--output"))
+    wanted = {"settings": settings.to_dict(), "half": args.half, "model_identity": model_identity(args.model, config=args.config)}
     todo = []
     for image, target in zip(images, targets):
         record = {**wanted, "image_sha256": file_sha256(image)}
@@ -96,7 +103,9 @@ def run_features(args: argparse.Namespace) -> int:
 def run_match(args: argparse.Namespace) -> int:
     """Print the matched points as JSON and save the figure."""
     from ditf.features.preprocess import load_image
+    from ditf.loading import check_model
     from ditf.matching.pair import match_pair, parse_points, plot_pair_matches
+    from ditf.smoke import is_smoke_model
     from ditf.matching.points import check_points_inside
 
     points = parse_points(args.points)
@@ -105,11 +114,15 @@ def run_match(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir() or args.output.endswith(("/", os.sep)):
         output = output / "match.png"
+    check_output_file(output, "--output", FIGURE_SUFFIXES)
     settings = resolve_cli_settings(args)
+    check_model(args.model, needs=("transformer", "vae"), config=args.config)
     fx = load_featurizer(args, settings)
     feats = fx([source, target], settings=settings, max_batch=args.max_batch, progress=False)
     match = match_pair(feats[0], feats[1], points, (source.height, source.width), (target.height, target.width))
-    plot_pair_matches(source, target, match, output)
-    json.dump(match.to_json(), sys.stdout)
+    random_weights = is_smoke_model(args.model)
+    plot_pair_matches(source, target, match, output,
+                      title=RANDOM_WEIGHTS_NOTE if random_weights else None)
+    json.dump({**match.to_json(), **({"random_weights": RANDOM_WEIGHTS_NOTE} if random_weights else {})}, sys.stdout)
     print()
     return 0

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from ditf.cli.common import HelpFormatter, check_exclusive, device_of
+from ditf.cli.outputs import IMAGE_SUFFIXES, check_output_file, check_output_folder
 from ditf.errors import InvalidArgumentError
 from ditf.settings import DTYPES
 
@@ -101,15 +102,26 @@ def _add_image_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="image file (.png); the record goes next to it (.json)")
 
 
+def check_generation_args(args: argparse.Namespace) -> None:
+    """The sampling options, before any model loads."""
+    from ditf.massive.generate import pipeline_settings
+
+    pipeline_settings(args.num_inference_steps, args.height, args.width, args.guidance_scale)
+
+
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the full diffusers pipeline of --model on --device (or offloaded); return (pipeline, preset)."""
+    from ditf.cli.common import quiet_loading
     from ditf.features.featurizer import check_dtype_on_device
-    from ditf.loading import load_components
+    from ditf.loading import check_model, load_components
     from ditf.settings import torch_dtype
 
     import torch
 
+    check_generation_args(args)
+    check_model(args.model, needs=("transformer", "vae"))
     device = torch.device(device_of(args))
+    quiet_loading()
     dtype = torch_dtype(args.dtype, str(device))
     check_dtype_on_device(dtype, device)
     components = load_components(args.model, torch_dtype=dtype)
@@ -150,6 +162,7 @@ def run_scan(args: argparse.Namespace) -> int:
     from ditf.features.preprocess import load_image
     from ditf.massive.scan import DEFAULT_RULES, scan
 
+    check_output_folder(args.output, "--output")
     if args.image is not None:
         load_image(args.image)  # fail on a missing or corrupt file before loading a model
         if args.num_inference_steps is not None or args.steps != "all":
@@ -202,6 +215,7 @@ def run_transport(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, actions: list[Any] = (), transport: Any = None) -> int:
     from ditf.massive.generate import generate, save_generation
 
+    check_output_file(args.output, "--output", IMAGE_SUFFIXES)
     pipe, _ = load_pipeline(args)
     result = generate(pipe, args.prompt, actions=list(actions), transport=transport, seed=args.seed,
                       num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,

@@ -71,7 +71,8 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
                             captions: str | Path | None = None, cache_dir: str | Path | None = None,
                             cache_only: bool = False, cache_dtype: StorageDtype | None = None,
                             shard: str | tuple[int, int] | None = None, workers: int = 1,
-                            device: str | torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+                            device: str | torch.device | None = None, allow: Sequence[str] = (),
+                            progress: bool = True) -> dict[str, Any]:
     """Score a loaded correspondence `dataset` (see `evaluate_spair` for the options); `shard` returns the shard
     summary instead of results."""
     chosen = protocol_for(dataset, protocol, threshold, matcher, pad_size, tuple(alphas) if alphas else None)
@@ -84,7 +85,8 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
             raise InvalidArgumentError("shard applies to an extractor (it fills the feature cache), not to features=.")
         return extract_shard(dataset, source, shard, progress)
     return score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers,
-                       device=device if device is not None else _scoring_device(extractor), progress=progress)
+                       device=device if device is not None else _scoring_device(extractor), allow=allow,
+                       progress=progress)
 
 
 def _scoring_device(extractor: Extractor | None) -> str:
@@ -100,7 +102,7 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
                    prompt_mode: str | None = None, captions: str | Path | None = None,
                    cache_dir: str | Path | None = None, cache_only: bool = False, cache_dtype: StorageDtype | None = None,
                    shard: str | tuple[int, int] | None = None, workers: int = 1, device: str | torch.device | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   allow: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
     """PCK on SPair-71k: the results dict `ditf eval spair` writes (`ditf.eval.scoring.score_pairs` documents it).
 
     root: the SPair-71k folder; split: "test", "val" or "trn"; categories, filters (variation flag -> allowed
@@ -108,7 +110,7 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
     "geoaware" (GeoAware-SC), with threshold ("bbox" or "image"), matcher ("upsampled" or "patch") and pad_size
     overrides. Features: see `feature_source`. shard "i/n" or "auto": fill the cache for that share of the images
     and return its summary. workers: CPU scoring processes. device: where the matcher runs (default: the
-    extractor's GPU, else the CPU).
+    extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect").
     """
     from ditf.eval.spair import load_spair
 
@@ -118,7 +120,7 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
                                    cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   progress=progress)
+                                   allow=allow, progress=progress)
 
 
 def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, extractor: Extractor | None = None,
@@ -127,7 +129,8 @@ def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, e
                       prompt_mode: str | None = None, captions: str | Path | None = None,
                       cache_dir: str | Path | None = None, cache_only: bool = False,
                       cache_dtype: StorageDtype | None = None, shard: str | tuple[int, int] | None = None,
-                      workers: int = 1, device: str | torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+                      workers: int = 1, device: str | torch.device | None = None, allow: Sequence[str] = (),
+                      progress: bool = True) -> dict[str, Any]:
     """PCK on PF-Pascal (image-size thresholds, alphas 0.1/0.05/0.15 by default); options as `evaluate_spair`."""
     from ditf.eval.pfpascal import load_pfpascal
 
@@ -136,7 +139,7 @@ def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, e
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
                                    cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   progress=progress)
+                                   allow=allow, progress=progress)
 
 
 def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extractor: Extractor | None = None,
@@ -145,7 +148,8 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
                    pad_size: int | None = None, prompt_mode: str | None = None, captions: str | Path | None = None,
                    cache_dir: str | Path | None = None, cache_only: bool = False,
                    cache_dtype: StorageDtype | None = None, shard: str | tuple[int, int] | None = None,
-                   workers: int = 1, device: str | torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+                   workers: int = 1, device: str | torch.device | None = None, allow: Sequence[str] = (),
+                   progress: bool = True) -> dict[str, Any]:
     """PCK on AP-10K (GeoAware-SC's pairs): subset "intra-species", "cross-species" or "cross-family"; options as
     `evaluate_spair`."""
     from ditf.eval.ap10k import load_ap10k
@@ -155,7 +159,7 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
                                    cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   progress=progress)
+                                   allow=allow, progress=progress)
 
 
 def evaluate_davis(root: str | Path, output: str | Path, *, extractor: DiTFExtractor | str, split: str = "val",

@@ -14,6 +14,7 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,6 +87,15 @@ class FeatureCache:
                           stacklevel=2)
             return None
         return features
+
+    def lock(self, key: str) -> Any:
+        """An inter-process lock for computing `key`'s entry (a file lock beside it): a second process that wants
+        the same entry waits, then finds it written."""
+        from filelock import FileLock
+
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path.with_name(f".{key}.lock")))
 
     def store(self, key: str, features: torch.Tensor, settings: Mapping | None = None,
               metadata: Mapping[str, str] | None = None) -> torch.Tensor:

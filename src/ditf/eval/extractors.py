@@ -8,6 +8,7 @@ the first extraction, so a run served from the cache never loads it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 from ditf.errors import InvalidArgumentError
+from ditf.features.io import tensor_sha256
+from ditf.fingerprint import model_identity
 from ditf.eval.sources import Extractor
 from ditf.features.preprocess import ImageInput, load_image
 from ditf.registry import preset_for
@@ -57,6 +60,9 @@ class DiTFExtractor:
                 raise InvalidArgumentError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}.")
             overrides = {**VARIANTS[variant], **overrides}
         if isinstance(model, str):
+            from ditf.loading import check_model
+
+            check_model(model, needs=("transformer", "vae"), config=config)
             self._featurizer: DiTFeaturizer | None = None
             self.model, preset = model, preset_for(model)
             self.device = device or default_device()
@@ -73,6 +79,7 @@ class DiTFExtractor:
         self.settings = settings
         self.prompt_mode = task_protocol(preset, task).get("prompt_mode", "empty") if task else "empty"
         self._load = dict(offload=offload, config=config, variant=variant_files)
+        self._identity: dict[str, Any] | None = None
 
     @property
     def featurizer(self) -> DiTFeaturizer:
@@ -86,8 +93,21 @@ class DiTFExtractor:
         return self._featurizer
 
     def describe(self) -> dict[str, Any]:
-        """The model reference and every setting (JSON values), and the ablation row they compute."""
-        return {"extractor": "ditf", **self.settings.to_dict(), "variant": self.settings.variant}
+        """The model reference and what it resolves to (`ditf.fingerprint.model_identity`: changed weights give
+        another identity), every setting (JSON values), and the ablation row they compute."""
+        if self._identity is None:
+            self._identity = self._model_identity()
+        return {"extractor": "ditf", **self.settings.to_dict(), "variant": self.settings.variant,
+                "model_identity": self._identity}
+
+    def _model_identity(self) -> dict[str, Any]:
+        if self.model is not None:
+            return model_identity(self.model, config=self._load["config"])
+        digest = hashlib.sha256()  # a featurizer built from modules in memory: its weights are its identity
+        for name, tensor in sorted(self.featurizer.transformer.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor_sha256(tensor).encode())
+        return {"kind": "in-memory", "weights_sha256": digest.hexdigest()}
 
     def __call__(self, image: ImageInput, prompt: str = "") -> torch.Tensor:
         """The (C, h, w) DiTF feature map of `image` under `prompt` (fp32, CPU)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,17 +33,44 @@ from ditf.versions import ditf_version
 
 FEATURE_LRU_IMAGES = 32
 """Feature maps (and prepared targets) kept in memory while scoring."""
+SANITY_CHECKS = ("constant", "aspect")
+"""Checks of every feature map before it is scored, which `allow` can switch off: a constant map (an extractor
+that failed silently) and a map whose orientation disagrees with its image's (a transposed map)."""
+ASPECT_SLACK = 1.1
+"""A map and its image disagree in orientation when one is more than 10% taller than wide and the other more
+than 10% wider than tall (square maps of square-resizing extractors, e.g. DIFT, pass)."""
+
+
+def check_map(features: torch.Tensor, size: tuple[int, int], where: str, allow: Collection[str] = ()) -> None:
+    """DatasetError naming `where` when `features` (C, h, w) of an image of `size` (H, W) is constant, or lies in
+    the other orientation (transposed), unless `allow` names that check."""
+    if "constant" not in allow and bool(features.amax() == features.amin()):
+        raise DatasetError(f"{where}: the feature map is constant (every value {float(features.flatten()[0]):g}); the "
+                           "extractor probably failed. Recompute it, or score it anyway with --allow constant.")
+    map_aspect, image_aspect = features.shape[1] / features.shape[2], size[0] / size[1]
+    flipped = (map_aspect > ASPECT_SLACK and image_aspect < 1 / ASPECT_SLACK) or (
+        map_aspect < 1 / ASPECT_SLACK and image_aspect > ASPECT_SLACK)
+    if "aspect" not in allow and flipped:
+        raise DatasetError(
+            f"{where}: the feature map is {features.shape[1]}x{features.shape[2]} (h x w) but its image is "
+            f"{size[0]}x{size[1]} (H x W): the map is transposed, or belongs to another image. Save maps as (C, h, w), "
+            "or score anyway with --allow aspect."
+        )
 
 
 class FeatureStore:
     """Loads, checks and keeps the most recently used feature maps and prepared targets of one scoring run.
 
-    `load(image) -> (C, h, w)`; targets are prepared for the exact matcher on `device`.
+    `load(image) -> (C, h, w)`; `where(image)` names the map's file in errors; targets are prepared for the
+    exact matcher on `device`; `allow` switches off `SANITY_CHECKS`.
     """
 
     def __init__(self, load: Callable[[ImageRecord], torch.Tensor], protocol: Protocol,
-                 device: torch.device | str = "cpu", capacity: int = FEATURE_LRU_IMAGES):
+                 device: torch.device | str = "cpu", capacity: int = FEATURE_LRU_IMAGES,
+                 where: Callable[[ImageRecord], str] | None = None, allow: Collection[str] = ()):
         self._load = load
+        self._where = where or (lambda image: f"features of {image.key}")
+        self.allow = tuple(allow)
         self.protocol = protocol
         self.device = torch.device(device)
         self.features = lru_cache(maxsize=capacity)(self._features)
@@ -57,6 +84,7 @@ class FeatureStore:
                 "--protocol geoaware needs maps of the zero-padded square image (h == w); extract them "
                 "from the padded image or use --protocol ditf"
             )
+        check_map(features, self.protocol.frame_for(image).size, self._where(image), self.allow)
         return features
 
     def _target(self, image: ImageRecord) -> object:
@@ -146,10 +174,12 @@ def _load_file(paths: dict[str, Path], image: ImageRecord) -> torch.Tensor:
     return load_features(paths[image.key])[0]
 
 
-def _predict_chunk(pairs: list[KeypointPair], paths: dict[str, Path], protocol: Protocol) -> dict[str, PairPrediction]:
+def _predict_chunk(pairs: list[KeypointPair], paths: dict[str, Path], protocol: Protocol,
+                   allow: Collection[str]) -> dict[str, PairPrediction]:
     """A worker's share: its pairs' predictions, reading maps from their files, on one CPU thread."""
     torch.set_num_threads(1)
-    store = FeatureStore(lambda image: _load_file(paths, image), protocol)
+    store = FeatureStore(lambda image: _load_file(paths, image), protocol, where=lambda image: str(paths[image.key]),
+                         allow=allow)
     return {pair.name: predict_pair(pair, store, protocol) for pair in pairs}
 
 
@@ -166,13 +196,17 @@ def _chunks_by_target(pairs: list[KeypointPair], count: int) -> list[list[Keypoi
 
 
 def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol: Protocol, *, workers: int = 1,
-                  device: torch.device | str = "cpu", threads: int | None = None,
+                  device: torch.device | str = "cpu", threads: int | None = None, allow: Collection[str] = (),
                   progress: bool = True) -> dict[str, PairPrediction]:
     """Every pair's prediction, by pair name, in dataset order.
 
     `workers` > 1 spreads pairs over that many single-threaded processes reading the maps from their files
     (CPU only); otherwise pairs are matched here, on `device`, with `threads` torch threads (None: as set).
+    `allow` switches off `SANITY_CHECKS` of the maps.
     """
+    unknown = sorted(set(allow) - set(SANITY_CHECKS))
+    if unknown:
+        raise InvalidArgumentError(f"allow={unknown}: the checks that can be switched off are {', '.join(SANITY_CHECKS)}.")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InvalidArgumentError(f"workers={workers!r} must be a whole number >= 1.")
     device = torch.device(device)
@@ -180,7 +214,7 @@ def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protoco
         raise InvalidArgumentError(f"workers={workers} spreads scoring over CPU processes; with device={device} use "
                                    "workers=1 (the GPU already runs the pairs in parallel).")
     if workers == 1:
-        store = FeatureStore(source.load, protocol, device)
+        store = FeatureStore(source.load, protocol, device, where=lambda image: str(source.path_for(image)), allow=allow)
         with torch_threads(threads):
             found = {pair.name: predict_pair(pair, store, protocol)
                      for pair in tqdm(dataset.pairs, desc="matching", disable=not progress)}
@@ -191,7 +225,7 @@ def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protoco
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool, \
                 tqdm(total=len(dataset.pairs), desc=f"matching ({workers} workers)", disable=not progress) as bar:
-            futures = [pool.submit(_predict_chunk, chunk, paths, protocol) for chunk in chunks]
+            futures = [pool.submit(_predict_chunk, chunk, paths, protocol, tuple(allow)) for chunk in chunks]
             for future in as_completed(futures):
                 done = future.result()
                 found.update(done)
@@ -232,7 +266,7 @@ def ensure_features(images: list[ImageRecord], source: FeatureSource, progress: 
 
 def score_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol: Protocol, *,
                 settings: dict | None = None, workers: int = 1, device: torch.device | str = "cpu",
-                threads: int | None = None, progress: bool = True) -> dict:
+                threads: int | None = None, allow: Collection[str] = (), progress: bool = True) -> dict:
     """Score `dataset` with features from `source` under `protocol` (extracting missing maps first).
 
     Returns the results dictionary: `per_category` {category: {per_image, per_point, pairs,
@@ -243,7 +277,7 @@ def score_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol:
     """
     ensure_features(dataset.images(), source, progress)
     predictions = predict_pairs(dataset, source, protocol, workers=workers, device=device, threads=threads,
-                                progress=progress)
+                                allow=allow, progress=progress)
     outcomes = [prediction.outcome for prediction in predictions.values()]
     main_alpha, other_alphas = protocol.alphas[0], protocol.alphas[1:]
     results = {"benchmark": dataset.describe(), "alpha": main_alpha}

@@ -163,10 +163,14 @@ class CachedExtractor:
                 f"no cached features for {image.path} under {self.cache.root}; run the extraction "
                 "(without --cache-only, or every --shard) first"
             )
-        prompt = self.prompts(image)
-        features = check_feature_map(self.extractor(image.path, prompt), f"extractor output for {image.path}")
-        return self.cache.store(key, features, settings=self.settings,
-                                metadata={"image": str(image.path), "prompt": prompt})
+        with self.cache.lock(key):
+            cached = self.cache.load(key)  # another process may have computed it while this one waited
+            if cached is not None:
+                return cached
+            prompt = self.prompts(image)
+            features = check_feature_map(self.extractor(image.path, prompt), f"extractor output for {image.path}")
+            return self.cache.store(key, features, settings=self.settings,
+                                    metadata={"image": str(image.path), "prompt": prompt})
 
     def describe(self) -> dict:
         """Settings entry for the results JSON."""

@@ -123,7 +123,7 @@ class DiTFeaturizer:
         transformer) to `device` when it runs and the others back to the CPU, and all of them back to the CPU
         when a call returns. Text encoders go to `text_encoder_device` (default: `device`).
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         check_dtype_on_device(self.dtype, device)
         if offload not in (None, "model", "sequential"):
             raise InvalidArgumentError(f"offload={offload!r} is not one of None, 'model', 'sequential'.")
@@ -461,6 +461,30 @@ class DiTFeaturizer:
 def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Row-major tokens (N, C) -> feature map (C, h, w) on the CPU."""
     return tokens.reshape(h, w, tokens.shape[-1]).permute(2, 0, 1).contiguous().cpu()
+
+
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """`device` as a torch device this process can use; errors name `what` and the fix (a malformed name, CUDA
+    asked of a build or machine without it, a GPU index that does not exist)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidArgumentError(f"{what}={str(device)!r} is not a device; use cpu, cuda or cuda:N.") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InvalidArgumentError(
+                f"{what}={str(device)!r}: {build}. Use cpu, or install a CUDA build of torch (e.g. "
+                "DITF_TORCH=torch ./run.sh ...) on a machine with a GPU."
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(
+                f"{what}={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA devices (0.."
+                f"{torch.cuda.device_count() - 1})."
+            )
+    elif parsed.type not in ("cpu", "mps", "xpu", "meta"):
+        raise InvalidArgumentError(f"{what}={str(device)!r}: ditf runs on cpu or cuda (mps, xpu where torch has them).")
+    return parsed
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:

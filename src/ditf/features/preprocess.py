@@ -12,6 +12,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ditf.errors import ImageError, InvalidArgumentError
 
+MAX_PIXELS = 100_000_000
+"""Largest image (width x height) read by default: larger files are refused before they are decoded (a 192 MP
+image would need ~0.6 GB as 8-bit RGB and far more as features). Raise it per call (`max_pixels=`) or on the
+command line (`--max-pixels`)."""
+
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 """A path, a PIL image, an (H, W[, C]) numpy array or a (C, H, W) tensor (uint8/uint16 or float in [0, 1])."""
 
@@ -32,20 +37,25 @@ class PreparedImage:
     name: str
 
 
-def load_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageInput, max_pixels: int | None = None) -> Image.Image:
     """Decode any supported input into an 8-bit RGB PIL image.
 
     EXIF orientation is applied; grayscale is replicated to RGB; alpha is composited over white;
-    16-bit and float data are rescaled, never clipped.
+    16-bit and float data are rescaled, never clipped. Files larger than `max_pixels` (default `MAX_PIXELS`)
+    are refused before decoding.
     """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise ImageError(f"image file {str(path)!r} does not exist. Check the path.")
         try:
             with Image.open(path) as opened:
+                _check_pixels(opened.size, limit, str(path))
                 opened.load()
                 pil = ImageOps.exif_transpose(opened)
+        except Image.DecompressionBombError as err:
+            raise ImageError(_too_large(str(path), None, limit)) from err
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageError(f"image file {str(path)!r} is corrupt or not an image ({err}). Replace the file.") from err
         return _pil_to_rgb(pil)
@@ -58,6 +68,17 @@ def load_image(image: ImageInput) -> Image.Image:
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise ImageError(f"cannot read an image from a {type(image).__name__}; pass a path, PIL image, numpy array or tensor.")
+
+
+def _check_pixels(size: tuple[int, int], limit: int, name: str) -> None:
+    if size[0] * size[1] > limit:
+        raise ImageError(_too_large(name, size, limit))
+
+
+def _too_large(name: str, size: tuple[int, int] | None, limit: int) -> str:
+    dims = f" is {size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} megapixels," if size else " is"
+    return (f"image {name!r}{dims} larger than the limit of {limit / 1e6:.0f} megapixels; resize it, or raise the "
+            "limit with --max-pixels (max_pixels= in Python).")
 
 
 def _pil_to_rgb(pil: Image.Image) -> Image.Image:

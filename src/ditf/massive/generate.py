@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from ditf.arch import arch_for
 from ditf.errors import InvalidArgumentError
 from ditf.io import atomic_path, write_json_atomic
 from ditf.massive.actions import Action
@@ -60,10 +61,27 @@ def progress_bars(pipe: Any, enabled: bool) -> Iterator[None]:
 
 def pipeline_settings(num_inference_steps: int | None, height: int | None, width: int | None,
                       guidance_scale: float | None) -> dict[str, Any]:
-    """The pipeline keyword arguments that were given (None means: the pipeline's own default)."""
+    """The pipeline keyword arguments that were given (None means: the pipeline's own default), checked: at
+    least one step, and image sides that are positive multiples of 8 pixels (the model's own stride, 16 or 32,
+    is checked once the model is known)."""
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or num_inference_steps < 1):
+        raise InvalidArgumentError(f"num_inference_steps={num_inference_steps} must be at least 1.")
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (isinstance(side, bool) or side < 8 or side % 8):
+            raise InvalidArgumentError(f"{name}={side} must be a positive multiple of 8 pixels (e.g. 512 or 1024).")
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise InvalidArgumentError(f"guidance_scale={guidance_scale} must be a number >= 0.")
     settings = {"num_inference_steps": num_inference_steps, "height": height, "width": width,
                 "guidance_scale": guidance_scale}
     return {key: value for key, value in settings.items() if value is not None}
+
+
+def check_image_size(settings: dict[str, Any], stride: int) -> None:
+    """Refuse a height or width (in `settings`) that is not a multiple of the model's `stride` (pixels per token)."""
+    for name in ("height", "width"):
+        if name in settings and settings[name] % stride:
+            raise InvalidArgumentError(f"{name}={settings[name]} must be a multiple of {stride} pixels for this model "
+                                       f"(e.g. {settings[name] // stride * stride or stride}).")
 
 
 def generate(pipe: Any, prompt: str, *, actions: Sequence[Action] = (), transport: TransportPlan | None = None,
@@ -80,6 +98,7 @@ def generate(pipe: Any, prompt: str, *, actions: Sequence[Action] = (), transpor
     if "output_type" in pipe_kwargs:
         raise InvalidArgumentError("generate() returns a PIL image; do not pass output_type.")
     settings = pipeline_settings(num_inference_steps, height, width, guidance_scale)
+    check_image_size(settings, arch_for(pipe.transformer, getattr(pipe, "vae", None)).stride)
     call_kwargs = {**settings, **pipe_kwargs, "output_type": "pil"}
     actions = list(actions)
     record: dict[str, Any] = {"prompt": prompt, "seed": seed, "pipeline": type(pipe).__name__,

@@ -31,7 +31,7 @@ from ditf.errors import InvalidArgumentError
 from ditf.massive import plots
 from ditf.massive.clustering import cluster_massive_tokens
 from ditf.massive.detect import DetectionRule, RatioRule, SunRule, detect_table, top_k_channels
-from ditf.massive.generate import pipeline_settings, progress_bars, save_image_atomic
+from ditf.massive.generate import check_image_size, pipeline_settings, progress_bars, save_image_atomic
 from ditf.massive.record import Record, Recording
 from ditf.massive.report import ScanReport, build_scan_report, save_stats_table, write_scan_figures, write_scan_report
 from ditf.massive.scopes import BRANCHES, BlockSpec, StepSpec, resolve_blocks
@@ -97,9 +97,10 @@ def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = No
     statistics = Record(points=("image", "shift", "scale", "gate"), blocks=chosen, steps=steps, branch=branch)
     tensors = Record(points=("image",), blocks=shown, steps=steps, branch=branch, full=True, stats=False, latest_only=True)
     if image is None:
+        settings = pipeline_settings(num_inference_steps, height, width, guidance_scale)
+        check_image_size(settings, arch.stride)
         picture, meta = _run_generation(pipe, [statistics, tensors], prompt=prompt, seed=seed, progress=progress,
-                                        settings=pipeline_settings(num_inference_steps, height, width, guidance_scale),
-                                        pipe_kwargs=pipe_kwargs)  # fmt: skip
+                                        settings=settings, pipe_kwargs=pipe_kwargs)
         grid = (picture.height // arch.stride, picture.width // arch.stride)
     else:
         if guidance_scale is not None:

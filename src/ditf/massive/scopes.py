@@ -97,6 +97,12 @@ def resolve_blocks(spec: BlockSpec, arch: ArchSpec) -> tuple[int, ...]:
         wanted = list(spec)
         if not wanted:
             raise InvalidArgumentError("blocks is empty; pass 'all', 'last', an index or a non-empty list of indices.")
+    outside = [k for k in wanted if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n]
+    if outside:
+        raise InvalidArgumentError(
+            f"blocks={','.join(map(str, outside))} is out of range for this {arch.family} model: valid blocks are "
+            f"0..{n - 1} ({arch.block_layout()})."
+        )
     return tuple(sorted({arch.block(k).index for k in wanted}))
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ditf.errors import InvalidArgumentError
+from ditf.io import atomic_path
 from ditf.matching.correspondence import cosine_map
 from ditf.matching.points import check_points_inside
 
@@ -56,9 +57,9 @@ def match_pair(src_feats: torch.Tensor, trg_feats: torch.Tensor, points: torch.T
 
 
 def plot_pair_matches(src_image: Image.Image, trg_image: Image.Image, match: PairMatch, path: str | Path,
-                      max_heatmaps: int = 6) -> Path:
+                      max_heatmaps: int = 6, title: str | None = None) -> Path:
     """Figure: source and target with colour-matched points, and a cosine heat map per point (up to
-    `max_heatmaps`) over the target. Written as PNG (or whatever `path`'s suffix says)."""
+    `max_heatmaps`) over the target, under `title`. Written as PNG (or whatever `path`'s suffix says)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,8 +85,10 @@ def plot_pair_matches(src_image: Image.Image, trg_image: Image.Image, match: Pai
             ax.set_title(f"point {i}: cosine map (best {float(match.cosine[i]):.3f})", fontsize=9, color=colours[i])
             ax.axis("off")
             bottom.colorbar(im, ax=ax, shrink=0.7, location="bottom", format="%.2f")
+    if title:
+        fig.suptitle(title, color="firebrick", fontsize=12)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path

@@ -43,6 +43,17 @@ class PropagationSettings:
     topk: int = PROPAGATION_DEFAULTS["topk"]
     temperature: float = PROPAGATION_DEFAULTS["temperature"]
 
+    def __post_init__(self) -> None:
+        checks = [
+            ("n_last_frames", self.n_last_frames, self.n_last_frames >= 0, "a whole number >= 0"),
+            ("neighborhood_radius", self.neighborhood_radius, self.neighborhood_radius >= 0, "a whole number >= 0"),
+            ("topk", self.topk, self.topk >= 1, "a whole number >= 1"),
+            ("temperature", self.temperature, self.temperature > 0, "a number > 0"),
+        ]
+        for name, value, valid, expected in checks:
+            if not valid:
+                raise InvalidArgumentError(f"{name}={value!r} is invalid; it must be {expected}.")
+
 
 DITF_DAVIS_PROPAGATION = PropagationSettings()
 """DiTF's DAVIS settings (the davis task preset in `ditf.registry`): first frame plus 7 previous frames, window
@@ -201,16 +212,8 @@ def propagate_labels(
 
 
 def _check_settings(settings: PropagationSettings, stride: int) -> None:
-    checks = [
-        ("n_last_frames", settings.n_last_frames, settings.n_last_frames >= 0, "an integer >= 0"),
-        ("neighborhood_radius", settings.neighborhood_radius, settings.neighborhood_radius >= 0, "an integer >= 0"),
-        ("topk", settings.topk, settings.topk >= 1, "an integer >= 1"),
-        ("temperature", settings.temperature, settings.temperature > 0, "a number > 0"),
-        ("stride", stride, isinstance(stride, int) and stride >= 1, "an integer >= 1 (16 for FLUX)"),
-    ]
-    for name, value, valid, expected in checks:
-        if not valid:
-            raise InvalidArgumentError(f"{name}={value!r} is invalid; it must be {expected}.")
+    if not isinstance(stride, int) or stride < 1:
+        raise InvalidArgumentError(f"stride={stride!r} is invalid; it must be a whole number >= 1 (16 for FLUX).")
 
 
 def _grid_size(features: torch.Tensor, frame_index: int) -> tuple[int, int]:
