@@ -337,3 +337,4 @@ def test_cli_davis_propagates_then_scores_with_a_tiny_flux(short_davis, flux_pip
     assert scores["settings"]["block"] == 21 and scores["settings"]["t"] == 90
     assert scores["settings"]["prompt"] == "a photo of a image" and scores["settings"]["ensemble"] == 1
     assert scores["settings"]["n_last_frames"] == PropagationSettings().n_last_frames
+    assert scores["settings_sources"]["t"] == "given" and "eval_davis.sh" in scores["settings_sources"]["prompt"]

@@ -84,9 +84,16 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
         if features is not None:
             raise InvalidArgumentError("shard applies to an extractor (it fills the feature cache), not to features=.")
         return extract_shard(dataset, source, shard, progress)
-    return score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers,
-                       device=device if device is not None else _scoring_device(extractor), allow=allow,
-                       progress=progress)
+    results = score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers,
+                          device=device if device is not None else _scoring_device(extractor), allow=allow,
+                          progress=progress)
+    return {**results, **settings_sources(extractor)}
+
+
+def settings_sources(extractor: Extractor | None) -> dict[str, Any]:
+    """{"settings_sources": where each setting comes from} for an extractor with `FeatureSettings`, else {}."""
+    sources = getattr(getattr(extractor, "settings", None), "sources", None)
+    return {"settings_sources": dict(sources)} if sources else {}
 
 
 def _scoring_device(extractor: Extractor | None) -> str:
@@ -195,5 +202,6 @@ def evaluate_davis(root: str | Path, output: str | Path, *, extractor: DiTFExtra
     result["settings"] = {**record, "short_side": protocol["short_side"], "size_multiple": protocol["size_multiple"],
                           "n_last_frames": settings.n_last_frames, "neighborhood_radius": settings.neighborhood_radius,
                           "topk": settings.topk, "temperature": settings.temperature}
+    result.update(settings_sources(extractor))
     write_json_atomic(scores or output / "jf.json", result)
     return result
