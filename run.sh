@@ -29,7 +29,7 @@ demo() {
   local model="${1:-}" extra=()
   if [ -z "$model" ]; then
     echo "== No model given: using a tiny RANDOM-WEIGHT FLUX-architecture smoke model (meaningless matches)."
-    .venv/bin/ditf smoke-model .cache/smoke-flux
+    .venv/bin/ditf smoke-model -o .cache/smoke-flux
     model=.cache/smoke-flux
     extra=(--block 28 --t 261 --ensemble 2 --resolution 256 --dtype fp32)
   fi

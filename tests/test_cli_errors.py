@@ -242,7 +242,7 @@ def rows() -> list[tuple[str, Callable[[World], list[str]], str]]:
         ("transport-mask", lambda w: gen(w, ["transport", "--source-prompt", "a dog", "--blocks", "0", "--mask", "x"], "-o", o(w, "g.png")),
          r"argument --mask: invalid choice"),
         # ---- smoke model
-        ("smoke-model-into-a-file", lambda w: ["smoke-model", str(w.files["a_file"])], r"exists but holds no smoke model"),
+        ("smoke-model-into-a-file", lambda w: ["smoke-model", "-o", str(w.files["a_file"])], r"exists but holds no smoke model"),
     ]
 
 

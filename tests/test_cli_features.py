@@ -99,5 +99,5 @@ def test_smoke_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ditf.smoke, "_save_flux_smoke_pipeline", dies_half_way)
-    assert main(["smoke-model", str(tmp_path / "smoke")]) == 130
+    assert main(["smoke-model", "-o", str(tmp_path / "smoke")]) == 130
     assert list(tmp_path.iterdir()) == []  # neither the model folder nor its staging folder

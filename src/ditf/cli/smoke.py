@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "smoke-model", formatter_class=HelpFormatter,
         help="save a tiny RANDOM-WEIGHT FLUX-architecture pipeline (features are meaningless; for smoke tests)"
     )
-    parser.add_argument("output", help="folder to write the diffusers pipeline to")
+    parser.add_argument("-o", "--output", required=True, help="folder to write the diffusers pipeline to")
     parser.set_defaults(func=run)
 
 

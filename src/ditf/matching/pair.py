@@ -70,11 +70,11 @@ def plot_pair_matches(src_image: Image.Image, trg_image: Image.Image, match: Pai
     colours = plt.get_cmap("tab10")(np.arange(n_points) % 10)
     fig = plt.figure(figsize=(max(8.0, 2.6 * shown), 7.0 if shown else 4.0), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.6, 1.0]) if shown else (fig, None)
-    for ax, image, points, title in zip(top.subplots(1, 2), (src_image, trg_image), (match.source, match.target),
+    for ax, image, points, panel in zip(top.subplots(1, 2), (src_image, trg_image), (match.source, match.target),
                                         ("source points", "predicted target points")):
         ax.imshow(image)
         ax.scatter(points[:, 0], points[:, 1], c=colours, s=70, edgecolors="white", linewidths=1.5)
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.axis("off")
     if bottom is not None:
         for i, ax in enumerate(np.atleast_1d(bottom.subplots(1, shown))):
