@@ -139,3 +139,18 @@ def test_model_offload_moves_every_model_back_to_the_cpu_after_a_call(flux_pipel
         assert [kind for kind, model in events if model == name][-1] == "offload"
     transformer_runs = [i for i, event in enumerate(events) if event == ("run", "FluxTransformer2DModel")]
     assert ("offload", "AutoencoderKL") in events[:transformer_runs[0]]  # the VAE left before the transformer ran
+
+
+def test_several_blocks_from_one_pass_equal_single_block_calls(fx):
+    """block=[19, 24, 28]: one forward that stops after block 28, each block with its own AdaLN and discard."""
+    calls = []
+    handle = fx.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        several = fx([IMAGE], **{**SETTINGS, "block": [19, 24, 28]})[0]
+    finally:
+        handle.remove()
+    assert sorted(several) == [19, 24, 28] and len(calls) == 1  # one transformer call for the ensemble of 2
+    for k in (19, 24, 28):
+        assert torch.equal(several[k], fx([IMAGE], **{**SETTINGS, "block": k})[0])
+    parts = fx.extract(IMAGE, **{**SETTINGS, "block": [19, 28]}, return_parts=True)
+    assert parts[19].settings.block == 19 and parts[28].discarded == [11, 42] and parts[19].raw.shape[0] == 64

@@ -91,3 +91,11 @@ def test_auto_detection_threshold_is_configurable(featurizer):
     block = META["blocks"][-1]
     strict = extract_with(featurizer, block, "auto", massive_ratio=1e6)
     assert strict.discarded == [] and reference_error(strict.features, CASE[f"k{block}_ditf"]) <= REFERENCE_TOLERANCE
+
+
+def test_all_reference_blocks_from_one_pass_equal_the_reference_and_single_block_calls(featurizer):
+    several = extract(featurizer, META["blocks"], "auto")
+    for block in META["blocks"]:
+        assert reference_error(several[block].features, CASE[f"k{block}_ditf_cd"]) <= REFERENCE_TOLERANCE
+        assert torch.equal(several[block].features, extract(featurizer, block, "auto").features)
+        assert torch.equal(several[block].shift, extract(featurizer, block, "auto").shift)

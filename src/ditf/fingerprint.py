@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ditf.registry import PRESETS
+from ditf.registry import all_presets
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SKIPPED_SUFFIXES = (".tmp", ".lock", ".pyc")
@@ -29,7 +29,7 @@ def model_identity(model: str, *, config: str | None = None, revision: str | Non
     `config` folder, its fingerprint too. Hub ids and aliases: {"kind": "hub", "repo": id, "revision": the
     commit of `revision` (default "main") in the local Hugging Face cache, or on the hub when online}.
     """
-    preset = PRESETS.get(model)
+    preset = all_presets().get(model)
     source = preset.hub_id if preset is not None else model
     path = Path(source).expanduser()
     if path.exists():

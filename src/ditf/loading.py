@@ -25,7 +25,7 @@ from ditf.arch import adapters
 from ditf.building import build_prefix, check_diffusers_version, diffusers_dtype, not_a_dit, transformer_class
 from ditf.errors import UnknownModelError
 from ditf.model_files import check_pipeline_folder, check_safetensors, read_json
-from ditf.registry import PRESETS, Preset, preset_for_hub_id
+from ditf.registry import Preset, all_presets, preset_for
 from ditf.single_file import load_single_file, resolve_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -54,8 +54,9 @@ def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block
     `HF_HUB_OFFLINE`.
     """
     check_diffusers_version()
-    preset = PRESETS.get(model)
+    preset = all_presets().get(model)
     source = preset.hub_id if preset is not None else model
+    preset = preset or preset_for(source)
     path = Path(source).expanduser()
     if path.is_file():
         transformer = load_single_file(path, config=config, torch_dtype=torch_dtype, block=block)
@@ -69,14 +70,13 @@ def load_components(model: str, *, torch_dtype: torch.dtype | None = None, block
         raise UnknownModelError(_unknown_model(model))
     else:
         folder = download(source, token=token, revision=revision, variant=variant)
-        preset = preset or preset_for_hub_id(source)
     return load_folder(folder, torch_dtype=torch_dtype, block=block, preset=preset, model=model, variant=variant)
 
 
 def check_model_reference(model: str) -> None:
     """Refuse a model reference that is no alias, no existing path and not shaped like a hub id (owner/name),
     suggesting the closest aliases."""
-    if model in PRESETS or Path(model).expanduser().exists():
+    if model in all_presets() or Path(model).expanduser().exists():
         return
     if _looks_like_path(model):
         raise UnknownModelError(_unknown_model(model))
@@ -87,7 +87,7 @@ def check_model(model: str, *, needs: tuple[str, ...] = ("transformer",), config
     a run `needs` ("transformer", "vae", ...), and every component its `model_index.json` lists is there and
     readable (`ditf.model_files`). Hub ids and aliases are checked when they are downloaded."""
     check_model_reference(model)
-    preset = PRESETS.get(model)
+    preset = all_presets().get(model)
     path = Path(preset.hub_id if preset is not None else model).expanduser()
     if path.is_file():
         pipeline = resolve_config(config, path).pipeline
@@ -114,14 +114,14 @@ def check_model(model: str, *, needs: tuple[str, ...] = ("transformer",), config
 def _unknown_model(model: str) -> str:
     """Message for a `model` that is no alias, no existing path and not shaped like a hub id."""
     if "/" not in model and "\\" not in model and not Path(model).suffix:
-        close = difflib.get_close_matches(model, list(PRESETS), n=2)
+        close = difflib.get_close_matches(model, list(all_presets()), n=2)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         return (
-            f"unknown model alias {model!r}.{hint} Known aliases: {', '.join(PRESETS)}; or pass a Hugging Face hub "
+            f"unknown model alias {model!r}.{hint} Known aliases: {', '.join(all_presets())}; or pass a Hugging Face hub "
             "id (owner/name), a local diffusers folder or a single-file checkpoint."
         )
     return (
-        f"model {model!r}: no such file or folder. Pass a preset alias ({', '.join(PRESETS)}), a hub id "
+        f"model {model!r}: no such file or folder. Pass a preset alias ({', '.join(all_presets())}), a hub id "
         "(owner/name), a local diffusers folder or a single-file checkpoint."
     )
 
@@ -303,7 +303,7 @@ def download(hub_id: str, *, token: str | None = None, revision: str | None = No
     except RepositoryNotFoundError as err:
         raise UnknownModelError(
             f"{hub_id!r} is not a model on the Hugging Face hub (or it is private: set HF_TOKEN). "
-            f"Known aliases: {', '.join(PRESETS)}."
+            f"Known aliases: {', '.join(all_presets())}."
         ) from err
     except (LocalEntryNotFoundError, OSError) as err:
         reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"

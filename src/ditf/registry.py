@@ -9,8 +9,12 @@ for that task, and the results say so; no model silently gets another model's nu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -59,6 +63,10 @@ class Preset:
     """How latents are drawn from the VAE posterior when it differs from the family default."""
     tasks: Mapping[str, TaskPreset] = field(default_factory=dict)
     """Per task name (see `TASKS`), this model's published defaults for it."""
+    verified: bool = False
+    """True when block and t come from released code or a measurement (a sweep); False for ditf's guesses."""
+    origin: str = "built-in"
+    """"built-in", or the user preset file it comes from."""
 
     def setting_defaults(self) -> dict[str, tuple[Any, str]]:
         """`FeatureSettings` field -> (value, source) for every default this preset sets."""
@@ -104,7 +112,8 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset("flux-dev", "black-forest-labs/FLUX.1-dev", "flux", 28, 261, 640, 8, _DITF_CODE,
                MassiveChannels((154, 1446), _DITF_CODE + ": hard-coded channel discard", True), guidance=3.5,
-               tasks={"davis": TaskPreset(_DITF_DAVIS + ": block 24, t 90", settings={"block": 24, "t": 90})}),
+               tasks={"davis": TaskPreset(_DITF_DAVIS + ": block 24, t 90", settings={"block": 24, "t": 90})},
+               verified=True),
         Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", 28, 261, 640, 8,
                "FLUX.1-dev settings reused (same architecture); not published for schnell"),
         Preset("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 12, 261, 640, 8, _OURS,
@@ -130,27 +139,166 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+PRESETS_ENV = "DITF_PRESETS"
+"""Environment variable listing user preset files (TOML), separated by the path separator (":" on Linux)."""
+PRESET_FIELDS = ("model", "family", "block", "t", "resolution", "ensemble", "guidance", "vae_sample", "source",
+                 "verified", "provenance")
+"""Keys a user preset table may hold (`[presets."<name>"]` in a TOML file)."""
+_ACTIVE_FILES: list[Path] = []
+
+
+def user_preset_files() -> list[Path]:
+    """The user preset files in force: those in $DITF_PRESETS, then those given for this run (`preset_files`)."""
+    listed = [Path(p).expanduser() for p in os.environ.get(PRESETS_ENV, "").split(os.pathsep) if p.strip()]
+    return listed + list(_ACTIVE_FILES)
+
+
+@contextmanager
+def preset_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
+    """Inside the block, the user preset files `paths` are in force too (after those of $DITF_PRESETS)."""
+    added = [Path(p).expanduser() for p in paths]
+    for path in added:
+        read_preset_file(path)  # fail now, naming the file, rather than at the first lookup
+    _ACTIVE_FILES.extend(added)
+    try:
+        yield
+    finally:
+        del _ACTIVE_FILES[len(_ACTIVE_FILES) - len(added):]
+
+
+def all_presets() -> dict[str, Preset]:
+    """Every preset by name: the built-in ones, overridden and extended by the user preset files in force."""
+    merged = dict(PRESETS)
+    for path in user_preset_files():
+        merged.update(read_preset_file(path))
+    return merged
+
+
 def get_preset(alias: str) -> Preset:
-    """The preset named `alias`; an unknown alias lists the known ones."""
-    if alias not in PRESETS:
+    """The preset named `alias` (user presets included); an unknown alias lists the known ones."""
+    presets = all_presets()
+    if alias not in presets:
         raise UnknownModelError(
-            f"unknown model alias {alias!r}. Known aliases: {', '.join(PRESETS)}; or pass a Hugging Face hub id "
+            f"unknown model alias {alias!r}. Known aliases: {', '.join(presets)}; or pass a Hugging Face hub id "
             "(owner/name), a local diffusers folder or a single-file checkpoint."
         )
-    return PRESETS[alias]
+    return presets[alias]
 
 
 def preset_for_hub_id(hub_id: str) -> Preset | None:
     """The preset whose hub id is `hub_id`, if any (so hub ids get the same defaults as aliases)."""
-    return next((p for p in PRESETS.values() if p.hub_id == hub_id), None)
+    return next((p for p in all_presets().values() if p.hub_id == hub_id), None)
 
 
 def preset_for(model: str | None) -> Preset | None:
-    """The preset of a model reference without loading anything: an alias, or the hub id of a preset; None for
-    local folders, single files and other hub ids."""
+    """The preset of a model reference without loading anything: an alias, the hub id of a preset, or a local
+    path that a user preset names (compared as resolved paths); None otherwise."""
     if model is None:
         return None
-    return PRESETS.get(model) or preset_for_hub_id(model)
+    presets = all_presets()
+    if model in presets:
+        return presets[model]
+    found = preset_for_hub_id(model)
+    if found is not None or not Path(model).expanduser().exists():
+        return found
+    resolved = Path(model).expanduser().resolve()
+    return next((p for p in presets.values() if p.origin != "built-in" and Path(p.hub_id).expanduser().exists()
+                 and Path(p.hub_id).expanduser().resolve() == resolved), None)
+
+
+def read_preset_file(path: str | os.PathLike[str]) -> dict[str, Preset]:
+    """The presets of a user preset file: TOML tables `[presets."<name>"]` with `PRESET_FIELDS` keys. A name that
+    is a built-in alias overrides it (unset fields keep the built-in values); another name needs `block`, `t`,
+    `resolution` and `ensemble`, and `model` (a hub id or a path; default: the name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnknownModelError(f"preset file {path} does not exist; check {PRESETS_ENV} or --presets.")
+    try:
+        data = _read_toml(path)
+    except ValueError as err:
+        raise UnknownModelError(f"preset file {path} is not valid TOML ({err}); fix or delete it.") from err
+    tables = data.get("presets", {})
+    extra = sorted(set(data) - {"presets"})
+    if extra or not isinstance(tables, dict):
+        raise UnknownModelError(f"preset file {path}: only [presets.\"<name>\"] tables are allowed, found {extra or tables!r}.")
+    return {name: _preset_from_table(path, name, table) for name, table in tables.items()}
+
+
+def _preset_from_table(path: Path, name: str, table: Any) -> Preset:
+    where = f"preset file {path}, [presets.{json.dumps(name)}]"
+    if not isinstance(table, dict):
+        raise UnknownModelError(f"{where} is not a table of settings.")
+    unknown = sorted(set(table) - set(PRESET_FIELDS))
+    if unknown:
+        raise UnknownModelError(f"{where}: unknown keys {unknown}; valid keys are {', '.join(PRESET_FIELDS)}.")
+    base = PRESETS.get(name)
+    values: dict[str, Any] = {}
+    for key in ("block", "t", "resolution", "ensemble"):
+        value = table.get(key, getattr(base, key, None))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (key != "t" and not isinstance(value, int)):
+            raise UnknownModelError(f"{where}: `{key}` must be a number" + ("" if base else " (required for a new model)")
+                                    + f"; got {value!r}.")
+        values[key] = value
+    provenance = table.get("provenance", {})
+    summary = ", ".join(f"{k} {v}" for k, v in provenance.items()) if isinstance(provenance, dict) else str(provenance)
+    source = str(table.get("source") or f"user preset ({path})" + (f": {summary}" if summary else ""))
+    return Preset(
+        alias=name, hub_id=str(table.get("model", base.hub_id if base else name)),
+        family=str(table.get("family", base.family if base else "unknown")), block=int(values["block"]),
+        t=values["t"], resolution=int(values["resolution"]), ensemble=int(values["ensemble"]), source=source,
+        massive=base.massive if base else None, guidance=table.get("guidance", base.guidance if base else None),
+        vae_sample=table.get("vae_sample", base.vae_sample if base else None), tasks=base.tasks if base else {},
+        verified=bool(table.get("verified", bool(provenance))), origin=str(path),
+    )
+
+
+def write_preset(path: str | os.PathLike[str], name: str, **fields: Any) -> Path:
+    """Write (or update) preset `name` in the user preset file `path` with `fields` (`PRESET_FIELDS`; `provenance`
+    a table of scalars), keeping the file's other presets; atomic. Returns the path."""
+    from ditf.io import write_text_atomic
+
+    unknown = sorted(set(fields) - set(PRESET_FIELDS))
+    if unknown:
+        raise UnknownModelError(f"unknown preset keys {unknown}; valid keys are {', '.join(PRESET_FIELDS)}.")
+    path = Path(path)
+    data = _read_toml(path) if path.is_file() else {}
+    presets = data.setdefault("presets", {})
+    presets[name] = {**presets.get(name, {}), **{k: v for k, v in fields.items() if v is not None}}
+    write_text_atomic(path, _toml(data))
+    read_preset_file(path)
+    return path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    """TOML text of nested tables of scalars (strings, numbers, booleans, lists of them)."""
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += [f"{json.dumps(k) if not k.isidentifier() else k} = {_toml_value(v)}" for k, v in scalars.items()]
+    text = "\n".join(lines) + ("\n\n" if lines else "")
+    for key, table in tables.items():
+        name = json.dumps(key) if not key.replace("_", "").isalnum() else key
+        text += _toml(table, f"{prefix}.{name}" if prefix else name)
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
 
 
 def task_preset(preset: Preset | None, task: str) -> tuple[dict[str, tuple[Any, str]], dict[str, tuple[Any, str]]]:

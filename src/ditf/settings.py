@@ -39,7 +39,8 @@ NONE_IS_A_VALUE = ("discard",)
 class FeatureSettings:
     """What a DiTF feature map is computed with. Every field is checked on construction.
 
-    block: global block index k (negative counts from the end); t: timestep on the 0..1000 scale; ensemble:
+    block: global block index k (negative counts from the end), or several (a tuple: features of every listed
+    block from one forward pass that stops after the deepest); t: timestep on the 0..1000 scale; ensemble:
     noise draws averaged; resolution: long image side in pixels, or size: exact (height, width) in pixels
     (multiples of the model stride), one of them for images (neither for latents); pad_square: pad the resized image to a square; discard: see `Discard`;
     massive_ratio: the ratio of the automatic massive-channel rule; normalize / modulate: the LayerNorm and AdaLN
@@ -49,7 +50,7 @@ class FeatureSettings:
     "fp32", "bf16" or "fp16" (None: bf16 on CUDA, fp32 elsewhere). `sources` says where each value comes from.
     """
 
-    block: int
+    block: int | tuple[int, ...]
     t: float
     ensemble: int
     resolution: int | None = None
@@ -68,7 +69,15 @@ class FeatureSettings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _integer("block", self.block)
+        if isinstance(self.block, (list, tuple)):
+            blocks = tuple(_integer("block", k) for k in self.block)
+            if not blocks:
+                raise InvalidArgumentError("block=[] names no block; give a block index or a non-empty list of them.")
+            if len(set(blocks)) != len(blocks):
+                raise InvalidArgumentError(f"block={list(blocks)} lists a block twice; list each block once.")
+            object.__setattr__(self, "block", blocks[0] if len(blocks) == 1 else blocks)
+        else:
+            _integer("block", self.block)
         object.__setattr__(self, "t", _timestep(self.t))
         _integer("ensemble", self.ensemble, minimum=1)
         if self.resolution is not None:
@@ -98,6 +107,16 @@ class FeatureSettings:
 
     # ------------------------------------------------------------------ views
     @property
+    def blocks(self) -> tuple[int, ...]:
+        """The block indices as a tuple (one for a single block)."""
+        return self.block if isinstance(self.block, tuple) else (self.block,)
+
+    @property
+    def load_up_to(self) -> int | None:
+        """The deepest block to load (`from_pretrained(block=...)`); None when a block counts from the end."""
+        return max(self.blocks) if min(self.blocks) >= 0 else None
+
+    @property
     def variant(self) -> str:
         """The paper's ablation row these settings compute: raw, ln, adaln, ditf, or custom."""
         for name, choice in VARIANTS.items():
@@ -110,7 +129,7 @@ class FeatureSettings:
         """The settings as JSON values (tuples become lists), without `sources`."""
         values = asdict(self)
         values.pop("sources")
-        for name in ("size", "discard"):
+        for name in ("block", "size", "discard"):
             if isinstance(values[name], tuple):
                 values[name] = list(values[name])
         return values
@@ -130,7 +149,8 @@ class FeatureSettings:
     def from_dict(cls, values: Mapping[str, Any]) -> FeatureSettings:
         """Settings from `to_dict()` output (a results file's record)."""
         check_setting_names(values)
-        return cls(**{k: tuple(v) if k in ("size", "discard") and isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: tuple(v) if k in ("block", "size", "discard") and isinstance(v, list) else v
+                      for k, v in values.items()})
 
 
 SETTING_NAMES = tuple(f.name for f in fields(FeatureSettings) if f.name != "sources")

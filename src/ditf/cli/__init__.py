@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from ditf.cli.common import max_pixels_limit
+from ditf.registry import preset_files
 from ditf.errors import DitfError
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ditf.cli import features as features_cli
     from ditf.cli import massive as massive_cli
     from ditf.cli import smoke as smoke_cli
+    from ditf.cli import sweep as sweep_cli
 
     from ditf.versions import ditf_version
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     features_cli.register(subparsers)
     eval_cli.register(subparsers)
     massive_cli.register(subparsers)
+    sweep_cli.register(subparsers)
     smoke_cli.register(subparsers)
     return parser
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings(), max_pixels_limit(args):
+        with warnings.catch_warnings(), max_pixels_limit(args), preset_files(getattr(args, "presets", None) or []):
             quiet_third_parties(args.verbose)
             return int(args.func(args) or 0)
     except KeyboardInterrupt:

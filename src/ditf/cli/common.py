@@ -37,13 +37,16 @@ def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) ->
     group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     group.add_argument("--offload", choices=["model", "sequential"],
                        help="keep weights on the CPU and move them to the device when used (accelerate)")
+    group.add_argument("--presets", action="append", default=[], metavar="FILE",
+                       help="user preset files (TOML, e.g. from `ditf sweep --write-preset`), after $DITF_PRESETS")
 
 
-def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = True) -> None:
+def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = True, block_and_t: bool = True) -> None:
     """Add the `FeatureSettings` options (each defaults to the model's preset; see `ditf presets`)."""
     group = parser.add_argument_group("DiTF settings (default: the model's preset)")
-    group.add_argument("--block", type=int, help="global block index k")
-    group.add_argument("--t", type=float, help="timestep in 0..1000")
+    if block_and_t:
+        group.add_argument("--block", type=int, help="global block index k")
+        group.add_argument("--t", type=float, help="timestep in 0..1000")
     group.add_argument("--ensemble", type=int, help="number of noise draws averaged")
     if image_size:
         group.add_argument("--resolution", type=int, help="long image side in pixels")
@@ -164,7 +167,7 @@ def load_featurizer(args: argparse.Namespace, settings: FeatureSettings) -> Any:
     device = device_of(args)
     quiet_loading()
     return DiTFeaturizer.from_pretrained(args.model, torch_dtype=torch_dtype(settings.dtype, device), device=device,
-                                         block=settings.block if settings.block >= 0 else None, offload=args.offload,
+                                         block=settings.load_up_to, offload=args.offload,
                                          config=args.config, variant=args.weights_variant)
 
 

@@ -12,7 +12,14 @@ import argparse
 import json
 from typing import Any
 
-from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, device_of, resolve_cli_settings
+from ditf.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    add_settings_args,
+    device_of,
+    quiet_loading,
+    resolve_cli_settings,
+)
 from ditf.cli.outputs import check_output_file
 from ditf.errors import InvalidArgumentError
 from ditf.eval.ap10k import AP10K_SPLITS, AP10K_SUBSETS
@@ -148,6 +155,7 @@ def source_options(args: argparse.Namespace) -> dict[str, Any]:
                 "precomputed maps; drop them, or extract with --model instead of --features."
             )
         return {"features": args.features}
+    quiet_loading()
     if args.baseline is not None:
         from ditf.baselines import BaselineExtractor
         from ditf.settings import torch_dtype

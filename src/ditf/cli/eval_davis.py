@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, device_of, resolve_cli_settings
+from ditf.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    add_settings_args,
+    device_of,
+    quiet_loading,
+    resolve_cli_settings,
+)
 from ditf.cli.outputs import FIGURE_SUFFIXES, check_output_file, check_output_folder
 from ditf.registry import TASK_DEFAULTS
 
@@ -81,6 +88,7 @@ def run_propagate_and_score(args: argparse.Namespace) -> int:
     _check_outputs(args.scores, args.plot, "--scores")
     propagation = PropagationSettings(args.n_last_frames, args.neighborhood_radius, args.topk, args.temperature)
     settings = resolve_cli_settings(args, task="davis")
+    quiet_loading()
     extractor = DiTFExtractor(args.model, settings, task="davis", device=device_of(args), offload=args.offload,
                               config=args.config, variant_files=args.weights_variant)
     scores_path = args.scores or args.output / "jf.json"

@@ -8,6 +8,7 @@ the first extraction, so a run served from the cache never loads it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -63,12 +64,12 @@ class DiTFExtractor:
             from ditf.loading import check_model
 
             check_model(model, needs=("transformer", "vae"), config=config)
-            self._featurizer: DiTFeaturizer | None = None
+            self._handle: dict[str, DiTFeaturizer | None] = {"featurizer": None}
             self.model, preset = model, preset_for(model)
             self.device = device or default_device()
             dtype = dtype or dtype_name(torch_dtype(None, self.device))
         else:
-            self._featurizer = model
+            self._handle = {"featurizer": model}
             self.model, preset = model.model, model.preset
             self.device = str(model.device)
             dtype = dtype_name(model.dtype)
@@ -78,19 +79,30 @@ class DiTFExtractor:
             settings = settings.replace(**overrides)
         self.settings = settings
         self.prompt_mode = task_protocol(preset, task).get("prompt_mode", "empty") if task else "empty"
-        self._load = dict(offload=offload, config=config, variant=variant_files)
+        self._load = dict(offload=offload, config=config, variant=variant_files, block=settings.load_up_to)
         self._identity: dict[str, Any] | None = None
 
     @property
     def featurizer(self) -> DiTFeaturizer:
-        """The loaded featurizer (loaded now, with only the blocks up to the settings' block, if it was not yet)."""
-        if self._featurizer is None:
+        """The loaded featurizer (loaded now, with only the blocks up to the settings' block, if it was not yet);
+        extractors made with `with_settings` share it."""
+        if self._handle["featurizer"] is None:
             from ditf.features.featurizer import DiTFeaturizer
 
-            self._featurizer = DiTFeaturizer.from_pretrained(
+            self._handle["featurizer"] = DiTFeaturizer.from_pretrained(
                 self.model, torch_dtype=torch_dtype(self.settings.dtype, self.device), device=self.device,
-                block=self.settings.block if self.settings.block >= 0 else None, **self._load)
-        return self._featurizer
+                **self._load)
+        return self._handle["featurizer"]
+
+    def with_settings(self, **changes: Any) -> DiTFExtractor:
+        """The same model (loaded once, shared) with changed settings, e.g. one block of a multi-block sweep."""
+        other = copy.copy(self)
+        other.settings = self.settings.replace(**changes)
+        deepest, loaded = other.settings.load_up_to, self._load["block"]
+        if loaded is not None and (deepest is None or deepest > loaded):
+            raise InvalidArgumentError(f"block={other.settings.block} is beyond the blocks this extractor loads "
+                                       f"(0..{loaded}); make an extractor with that block instead.")
+        return other
 
     def describe(self) -> dict[str, Any]:
         """The model reference and what it resolves to (`ditf.fingerprint.model_identity`: changed weights give

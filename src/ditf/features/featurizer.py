@@ -253,8 +253,10 @@ class DiTFeaturizer:
     def __call__(self, images: ImageInput | Sequence[ImageInput], prompt: str | int | None = None, *,
                  settings: FeatureSettings | None = None, prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 max_batch: int | None = None, progress: bool = True, **options: Any) -> list[torch.Tensor]:
-        """DiTF features of each image: a list of (C, h, w) fp32 tensors on the CPU, one per image.
+                 max_batch: int | None = None, progress: bool = True,
+                 **options: Any) -> list[torch.Tensor] | list[dict[int, torch.Tensor]]:
+        """DiTF features of each image: a list of (C, h, w) fp32 tensors on the CPU, one per image; with several
+        blocks (`block=[k1, k2, ...]`, all from one forward pass per image) a list of {block: (C, h, w)}.
 
         `options` are `FeatureSettings` fields (`t`, `block`, `ensemble`, `resolution`, `size`, `discard`, ...)
         changing `settings` (default: the model preset's); see `FeatureSettings` for each. For each image: VAE
@@ -273,7 +275,7 @@ class DiTFeaturizer:
         # All images through the VAE first, then all through the transformer: under offload="model" each model
         # moves to the device once per call.
         latents = [self.noisy_latents(image, resolved, generator=generator) for image in tqdm(images, desc="encoding", **bar)]
-        features = [self._features(one.clean, one.noise, resolved, cond, max_batch, return_parts=False).features
+        features = [_maps(self._features(one.clean, one.noise, resolved, cond, max_batch, return_parts=False))
                     for one in tqdm(latents, desc="DiTF features", **bar)]
         self._activate(None)
         return features
@@ -281,9 +283,10 @@ class DiTFeaturizer:
     def extract(self, image: ImageInput, prompt: str | int | None = None, *, settings: FeatureSettings | None = None,
                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, max_batch: int | None = None, return_parts: bool = False,
-                **options: Any) -> FeatureResult:
+                **options: Any) -> FeatureResult | dict[int, FeatureResult]:
         """DiTF features of one image with everything that describes them (`FeatureResult`: the map, the
-        discarded channels, the settings; with `return_parts` the raw block input and its AdaLN vectors)."""
+        discarded channels, the settings; with `return_parts` the raw block input and its AdaLN vectors); with
+        several blocks, {block: FeatureResult} from one forward pass."""
         fields, extra = self._split_options(options)
         if prompt is not None:
             fields["prompt"] = prompt
@@ -339,7 +342,7 @@ class DiTFeaturizer:
                      settings: FeatureSettings | None = None, prompt: str | int | None = None,
                      prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, max_batch: int | None = None,
-                     return_parts: bool = False, **options: Any) -> FeatureResult:
+                     return_parts: bool = False, **options: Any) -> FeatureResult | dict[int, FeatureResult]:
         """DiTF features from clean, normalised latents (1 or E, c, H, W) and noise (E, c, H, W).
 
         `options` are `FeatureSettings` fields as in `__call__` (the image-size fields are not used). Without
@@ -366,7 +369,10 @@ class DiTFeaturizer:
         return result
 
     def _features(self, latents: torch.Tensor, noise: torch.Tensor, settings: FeatureSettings, cond: Conditioning,
-                  max_batch: int | None, return_parts: bool) -> FeatureResult:
+                  max_batch: int | None, return_parts: bool) -> FeatureResult | dict[int, FeatureResult]:
+        """The features of every block of `settings.block` from one forward pass per batch of ensemble members
+        (stopping after the deepest block): a `FeatureResult`, or {block: FeatureResult} for several blocks, each
+        with its own AdaLN, discarded channels and single-block settings."""
         if noise.ndim != 4 or noise.shape[1:] != latents.shape[1:] or latents.shape[0] not in (1, noise.shape[0]):
             raise InvalidArgumentError(
                 f"noise {tuple(noise.shape)} does not fit latents {tuple(latents.shape)}: noise must be (E, c, H, W) "
@@ -377,28 +383,35 @@ class DiTFeaturizer:
             max_batch = ensemble
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidArgumentError(f"max_batch={max_batch!r} must be a whole number >= 1 (None: all members at once).")
-        ref = self.arch.block(settings.block)
-        total, parts = None, None
+        refs = {k: self.arch.block(k) for k in settings.blocks}
+        totals: dict[int, torch.Tensor] = {}
+        parts: dict[int, BlockInputs] = {}
         for start in range(0, ensemble, max_batch):
             stop = min(start + max_batch, ensemble)
             clean = latents if latents.shape[0] == 1 else latents[start:stop]
             noisy = self.add_noise(clean, noise[start:stop], settings.t)
-            inputs = self.forward(noisy, settings.t, cond, settings.guidance, until=[ref.index])[ref.index]
-            chunk_sum = inputs.image.float().sum(dim=0)
-            total = chunk_sum if total is None else total + chunk_sum
-            if parts is None:
-                parts = inputs
-        raw_tokens = total / ensemble
+            captured = self.forward(noisy, settings.t, cond, settings.guidance, until=[r.index for r in refs.values()])
+            for ref in refs.values():
+                chunk_sum = captured[ref.index].image.float().sum(dim=0)
+                totals[ref.index] = chunk_sum if ref.index not in totals else totals[ref.index] + chunk_sum
+                parts.setdefault(ref.index, captured[ref.index])
         h, w = self.arch.token_grid(tuple(latents.shape[-2:]))
-        shift, scale, gate = (v[0].float() if v.ndim == 2 else v.float().mean(0) for v in (parts.shift, parts.scale, parts.gate))
-        channels = self._discard_channels(settings, raw_tokens)
-        feats = ditf_features(raw_tokens, shift.to(raw_tokens.device), scale.to(raw_tokens.device), channels,
-                              normalize=settings.normalize, modulate=settings.modulate)
-        result = FeatureResult(_to_map(feats, h, w), block=ref.index, t=settings.t, discarded=channels, settings=settings)
-        if return_parts:
-            result.raw = _to_map(raw_tokens, h, w)
-            result.shift, result.scale, result.gate = (v.cpu() for v in (shift, scale, gate))
-        return result
+        results = {}
+        for k, ref in refs.items():
+            raw_tokens = totals[ref.index] / ensemble
+            inputs = parts[ref.index]
+            shift, scale, gate = (v[0].float() if v.ndim == 2 else v.float().mean(0)
+                                  for v in (inputs.shift, inputs.scale, inputs.gate))
+            channels = self._discard_channels(settings, raw_tokens)
+            feats = ditf_features(raw_tokens, shift.to(raw_tokens.device), scale.to(raw_tokens.device), channels,
+                                  normalize=settings.normalize, modulate=settings.modulate)
+            one = settings if len(refs) == 1 else dataclasses.replace(settings, block=k)
+            result = FeatureResult(_to_map(feats, h, w), block=ref.index, t=settings.t, discarded=channels, settings=one)
+            if return_parts:
+                result.raw = _to_map(raw_tokens, h, w)
+                result.shift, result.scale, result.gate = (v.cpu() for v in (shift, scale, gate))
+            results[k] = result
+        return results[settings.block] if len(refs) == 1 else results
 
     # ------------------------------------------------------------ helpers
     def _discard_channels(self, settings: FeatureSettings, raw_tokens: torch.Tensor) -> list[int]:
@@ -456,6 +469,11 @@ class DiTFeaturizer:
                     f"{limit}; the rest is cut off. Shorten the prompt.",
                     stacklevel=3,
                 )
+
+
+def _maps(result: FeatureResult | dict[int, FeatureResult]) -> torch.Tensor | dict[int, torch.Tensor]:
+    """The feature map of a result, or {block: map} of several."""
+    return result.features if isinstance(result, FeatureResult) else {k: r.features for k, r in result.items()}
 
 
 def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
