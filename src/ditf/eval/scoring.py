@@ -222,7 +222,7 @@ def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protoco
         paths = {image.key: source.path_for(image) for image in dataset.images()}
         chunks = _chunks_by_target(list(dataset.pairs), 4 * workers)
         found = {}
-        context = multiprocessing.get_context("spawn")
+        context = _worker_context()
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool, \
                 tqdm(total=len(dataset.pairs), desc=f"matching ({workers} workers)", disable=not progress) as bar:
             futures = [pool.submit(_predict_chunk, chunk, paths, protocol, tuple(allow)) for chunk in chunks]
@@ -231,6 +231,14 @@ def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protoco
                 found.update(done)
                 bar.update(len(done))
     return {pair.name: found[pair.name] for pair in dataset.pairs}
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe (POSIX, CUDA not initialised here: workers start at once, as DataLoader's do), else
+    spawn (a fresh interpreter per worker)."""
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def check_channels(images: list[ImageRecord], source: FeatureSource) -> None:
