@@ -151,11 +151,14 @@ def save_pca_figure(
     from ditf.io import atomic_path
 
     count = len(images)
-    figure = Figure(figsize=(3.2 * count, 6.6 if title else 6.2), layout="constrained")
+    loaded = [load_image(image) for image in images]
+    aspect = max(image.height / image.width for image in loaded)
+    extra = (0.35 if labels else 0.0) + (0.25 * (1 + title.count("\n")) if title else 0.0)
+    figure = Figure(figsize=(3.2 * count, 2 * 3.2 * aspect + 0.2 + extra), layout="constrained")
     FigureCanvasAgg(figure)
     axes = np.asarray(figure.subplots(2, count, squeeze=False))
-    for column, (image, picture) in enumerate(zip(images, rgb_maps)):
-        axes[0, column].imshow(load_image(image))
+    for column, (image, picture) in enumerate(zip(loaded, rgb_maps)):
+        axes[0, column].imshow(image)
         axes[1, column].imshow(picture)
         if labels is not None:
             axes[0, column].set_title(labels[column], fontsize=9)
