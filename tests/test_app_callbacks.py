@@ -87,6 +87,14 @@ def test_bad_inputs_give_a_message_and_the_store_keeps_working(store, smoke_mode
     assert not click(store, smoke_model_dir, [5, 5]).error  # still answering after all that
 
 
+def test_a_loader_that_crashes_is_reported_as_a_model_error():
+    def crash(model: str, block: int):
+        raise RuntimeError("CUDA out of memory")
+
+    view = click(FeatureStore(crash), "some/model", [5, 5])
+    assert view.error and "model 'some/model' failed to load (RuntimeError: CUDA out of memory)" in view.status
+
+
 def test_a_huge_image_is_refused_from_its_header_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("L", (4200, 4100)).save(path)  # over 4096 x 4096 pixels, a small file
@@ -113,3 +121,14 @@ def test_massive_tab_finds_the_smoke_models_planted_channels(store, smoke_model_
 def test_settings_reject_unknown_variants():
     with pytest.raises(InvalidArgumentError, match="variant 'dino'"):
         FeatureSettings.from_controls(28, 261, 1, 128, "dino")
+
+
+def test_the_cli_modules_import_neither_gradio_nor_anything_heavier_than_ditf_itself():
+    import subprocess
+    import sys
+
+    code = ("import sys, ditf; before = set(sys.modules); import ditf.cli.app, ditf.cli.pca, ditf.app.ui; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    added = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for heavy in ("gradio", "diffusers", "transformers", "playwright", "matplotlib"):
+        assert f"'{heavy}'" not in added
