@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from smoke_model_fixture import SMOKE_ARGS, smoke_model_dir  # noqa: F401  (fixture)
+from smoke_model_fixture import SMOKE_ARGS, smoke_model_folder
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -35,6 +35,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TINY = FeatureSettings(block=28, t=261, ensemble=1, resolution=128)  # the same as SMOKE_ARGS
 WAIT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def smoke_model_dir(tmp_path_factory) -> Path:
+    return smoke_model_folder(tmp_path_factory)
 
 
 def free_port() -> int:

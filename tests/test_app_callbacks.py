@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from smoke_model_fixture import smoke_model_dir  # noqa: F401  (fixture)
+from smoke_model_fixture import smoke_model_folder
 
 from ditf.app import FeatureSettings, FeatureStore, callbacks, pretrained_loader
 from ditf.app import images as app_images
@@ -18,6 +18,11 @@ from ditf.matching.pair import match_pair
 EXAMPLES = Path(__file__).parent.parent / "examples"
 SOURCE, TARGET = str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg")
 TINY = {"block": 28, "t": 261, "ensemble": 1, "resolution": 128}
+
+
+@pytest.fixture(scope="module")
+def smoke_model_dir(tmp_path_factory) -> Path:
+    return smoke_model_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

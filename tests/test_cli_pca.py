@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
-from smoke_model_fixture import SMOKE_ARGS, smoke_model_dir  # noqa: F401  (fixture)
+from smoke_model_fixture import SMOKE_ARGS, smoke_model_folder
 
 from ditf.cli import main
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 IMAGES = [str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg")]
+
+
+@pytest.fixture(scope="module")
+def smoke_model_dir(tmp_path_factory) -> Path:
+    return smoke_model_folder(tmp_path_factory)
 
 
 def test_pca_writes_one_figure_for_all_images(smoke_model_dir, tmp_path, capsys):

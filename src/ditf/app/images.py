@@ -43,7 +43,9 @@ def load_upload(source: str | Path | Image.Image | Any, name: str | None = None)
         except FileNotFoundError as err:
             raise ImageError(f"image {label!r} does not exist any more; upload it again.") from err
         except Exception as err:  # PIL raises several types for non-images, including decompression bombs
-            raise ImageError(f"{label!r} is not an image PIL can read ({type(err).__name__}); upload a JPEG, PNG or WebP.") from err
+            raise ImageError(
+                f"{label!r} is not an image PIL can read ({type(err).__name__}); upload a JPEG, PNG or WebP."
+            ) from err
         _check_pixels(label, width, height)
     try:
         image = load_image(source)
