@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `ditf` command with every sub-command registered."""
     from ditf.cli import eval as eval_cli
     from ditf.cli import features as features_cli
+    from ditf.cli import app as app_cli
     from ditf.cli import massive as massive_cli
+    from ditf.cli import pca as pca_cli
     from ditf.cli import smoke as smoke_cli
 
     from ditf.versions import ditf_version
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.register(subparsers)
     massive_cli.register(subparsers)
     smoke_cli.register(subparsers)
+    pca_cli.register(subparsers)
+    app_cli.register(subparsers)
     return parser
 
 
