@@ -1,9 +1,9 @@
 """What the app does on each event, as plain functions of the page's values: no gradio needed.
 
-Each callback takes a `FeatureStore` and the raw values of the page's components (file paths, numbers
-that may arrive as floats, a click position) and returns a view dataclass with what to display and a
-status line. Bad input never raises: the view carries `error=True` and a message that names the
-input, the value and the fix, and the page stays usable.
+Each callback takes the `FeatureStore` and the raw values of the page's components (file paths, numbers that
+may arrive as floats, a click position) and returns a view dataclass with what to display and a status line.
+Bad input never raises: the view carries `error=True` and a message naming the input, the value and the
+fix, and the page stays usable.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from ditf.app.images import LoadedImage
 from ditf.app.massive_profile import MassiveProfile, massive_profile, plot_massive_profile
 from ditf.app.render import heat_overlay, mark_point
-from ditf.app.settings import FeatureSettings
 from ditf.app.store import FeatureStore
 from ditf.errors import DitfError, InvalidArgumentError
 from ditf.matching.correspondence import cosine_map_prepared, match_prepared, upsampled_vectors
+from ditf.settings import FeatureSettings
 
 LOGGER = logging.getLogger(__name__)
 Caption = tuple[np.ndarray, str]
@@ -34,9 +34,9 @@ View = TypeVar("View")
 class ClickView:
     """The answer to a click on the source image.
 
-    `pictures`: the source with the clicked point, then each target with its cosine heat map and
-    predicted point ((H, W, 3) uint8, caption); `matches`: lines 'source: (x, y)' and
-    'target i: (x, y) cosine c'; `targets`: the predicted (x, y) per target; None fields on error."""
+    `pictures`: the source with the clicked point, then each target with its cosine heat map and predicted
+    point ((H, W, 3) uint8, caption); `matches`: lines 'source: (x, y)' and 'target i: (x, y) cosine c';
+    `targets`: the predicted (x, y) pixel per target; `status`: timing, cache use and settings."""
 
     pictures: list[Caption] | None = None
     matches: str = ""
@@ -65,22 +65,22 @@ class MassiveView:
     error: bool = False
 
 
-def click(store: FeatureStore, source: Any, targets: Sequence[Any] | None, point: Sequence[float] | None, model: str,
-          block: Any, t: Any, ensemble: Any, resolution: Any, variant: Any = "ditf") -> ClickView:
-    """Match the clicked source pixel `point` (x, y) into every target with the exact full-resolution
-    matcher (`match_prepared`), and draw each target's full-resolution cosine map. Features and prepared
-    targets come from `store`'s caches when this image, model and setting were seen before."""
+def click(store: FeatureStore, source: Any, targets: Sequence[Any] | None, point: Sequence[float] | None,
+          model: str, block: Any, t: Any, ensemble: Any, resolution: Any, variant: Any = "ditf") -> ClickView:
+    """Match the clicked source pixel `point` (x, y) into every target with the exact full-resolution matcher
+    (`match_prepared`, the point `ditf match` prints) and draw each target's full-resolution cosine map.
+    Features and prepared targets come from `store` when this image, model and settings were seen before."""
 
     def run() -> ClickView:
-        settings = FeatureSettings.from_controls(block, t, ensemble, resolution, variant)
+        settings = store.settings(model, variant, block=block, t=t, ensemble=ensemble, resolution=resolution)
         src = _source(store, source)
         trgs = _targets(store, targets)
         x, y = _click_position(point, src)
         start, extractions = time.perf_counter(), store.counters.extractions
-        src_feats = store.features(src, _model(model), settings)
-        prepared = [store.prepared_target(trg, _model(model), settings) for trg in trgs]
+        src_result = store.features(src, settings)
+        prepared = [store.prepared_target(trg, settings) for trg in trgs]
         with store.single_threaded():
-            vectors = upsampled_vectors(src_feats, src.size, torch.tensor([[x, y]]))
+            vectors = upsampled_vectors(src_result.features, src.size, torch.tensor([[x, y]]))
             pictures = [(mark_point(src.image, (x, y)), f"source: ({x}, {y})")]
             lines, found = [f"source: ({x}, {y})"], []
             for index, (trg, target) in enumerate(zip(trgs, prepared), start=1):
@@ -88,12 +88,12 @@ def click(store: FeatureStore, source: Any, targets: Sequence[Any] | None, point
                 cosine = cosine_map_prepared(vectors, target)[0]
                 found.append((tx, ty))
                 lines.append(f"target {index}: ({tx}, {ty}) cosine {float(cosine[ty, tx]):.4f}  [{trg.name}]")
-                overlay = mark_point(heat_overlay(trg.image, cosine), (tx, ty))
-                pictures.append((overlay, f"target {index}: ({tx}, {ty})"))
+                pictures.append((mark_point(heat_overlay(trg.image, cosine), (tx, ty)), f"target {index}: ({tx}, {ty})"))
         elapsed = time.perf_counter() - start
         ran = store.counters.extractions - extractions
         how = f"extracted {ran} feature map(s)" if ran else "cached features"
-        status = f"matched in {elapsed * 1000:.0f} ms ({how}; {_model(model)}: {settings.describe()})"
+        discarded = f"; discarded channels {src_result.discarded}" if src_result.discarded else ""
+        status = f"matched in {elapsed * 1000:.0f} ms ({how}; {describe(settings)}{discarded})"
         return ClickView(pictures, "\n".join(lines), found, status)
 
     return _guarded(run, ClickView)
@@ -101,34 +101,41 @@ def click(store: FeatureStore, source: Any, targets: Sequence[Any] | None, point
 
 def pca(store: FeatureStore, source: Any, targets: Sequence[Any] | None, model: str, block: Any, t: Any,
         ensemble: Any, resolution: Any, variant: Any = "ditf", foreground: bool = False) -> PcaView:
-    """PCA pictures (`ditf.viz.pca_rgb`, fitted jointly) of the source and every target."""
+    """PCA pictures (`ditf.viz.pca_rgb`, fitted jointly) of the source and every target, at image size."""
     from ditf.viz import pca_rgb
 
     def run() -> PcaView:
-        settings = FeatureSettings.from_controls(block, t, ensemble, resolution, variant)
+        settings = store.settings(model, variant, block=block, t=t, ensemble=ensemble, resolution=resolution)
         images = [_source(store, source)] + (_targets(store, targets) if targets else [])
-        feats = [store.features(image, _model(model), settings) for image in images]
-        pictures = pca_rgb(feats, [image.size for image in images], foreground=bool(foreground))
+        maps = [store.features(image, settings).features for image in images]
+        pictures = pca_rgb(maps, [image.size for image in images], foreground=bool(foreground))
         captions = ["source"] + [f"target {i}" for i in range(1, len(images))]
         return PcaView([(p, f"{c}: {im.name}") for p, c, im in zip(pictures, captions, images)],
-                       f"PCA of {len(images)} image(s), fitted jointly ({settings.describe()})")
+                       f"PCA of {len(images)} image(s), fitted jointly ({describe(settings)})")
 
     return _guarded(run, PcaView)
 
 
 def massive(store: FeatureStore, source: Any, model: str, block: Any, t: Any, ensemble: Any,
             resolution: Any) -> MassiveView:
-    """Per-channel mean |z| of the source's raw block input (the 'raw' variant), massive channels marked."""
+    """Per-channel median |z| of the source's raw block input (the `raw` variant's map, from the same store),
+    the massive channels of the ratio rule at the settings' `massive_ratio` marked."""
 
     def run() -> MassiveView:
-        settings = FeatureSettings.from_controls(block, t, ensemble, resolution, "raw")
+        settings = store.settings(model, "raw", block=block, t=t, ensemble=ensemble, resolution=resolution)
         src = _source(store, source)
-        profile = massive_profile(store.features(src, _model(model), settings))
+        profile = massive_profile(store.features(src, settings).features, settings.massive_ratio)
         title = f"{src.name}: raw input of block {settings.block} at t={settings.t:g}; red: massive channels"
         return MassiveView(profile, plot_massive_profile(profile, title), profile.summary(),
-                           f"{len(profile.mean_abs)} channels ({settings.describe()})")
+                           f"{len(profile.median_abs)} channels ({describe(settings)})")
 
     return _guarded(run, MassiveView)
+
+
+def describe(settings: FeatureSettings) -> str:
+    """One line for captions: 'block 28, t=261, ensemble 2, 256 px, ditf'."""
+    size = f"{settings.resolution} px" if settings.resolution is not None else f"{settings.size} px"
+    return f"block {settings.block}, t={settings.t:g}, ensemble {settings.ensemble}, {size}, {settings.variant}"
 
 
 def _guarded(run: Callable[[], View], view: Callable[..., View]) -> View:
@@ -141,13 +148,6 @@ def _guarded(run: Callable[[], View], view: Callable[..., View]) -> View:
         return view(status=f"error: unexpected {type(err).__name__}: {err} (see the server log)", error=True)
 
 
-def _model(model: str) -> str:
-    text = (model or "").strip()
-    if not text:
-        raise InvalidArgumentError("the model box is empty; enter a preset alias (flux-dev), a hub id or a local folder.")
-    return text
-
-
 def _path_of(item: Any) -> Any:
     """A gallery item is (path, caption); a plain upload is the path itself."""
     return item[0] if isinstance(item, (tuple, list)) else item
@@ -155,13 +155,13 @@ def _path_of(item: Any) -> Any:
 
 def _source(store: FeatureStore, source: Any) -> LoadedImage:
     if source is None or source == "":
-        raise InvalidArgumentError("no source image; upload one (or load the example) first.")
+        raise InvalidArgumentError("no source image; upload one (or load the example images) first.")
     return store.image(_path_of(source))
 
 
 def _targets(store: FeatureStore, targets: Sequence[Any] | None) -> list[LoadedImage]:
     if not targets:
-        raise InvalidArgumentError("no target image; upload one or more target images (or load the example).")
+        raise InvalidArgumentError("no target image; upload one or more target images (or load the example images).")
     return [store.image(_path_of(item)) for item in targets]
 
 

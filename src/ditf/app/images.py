@@ -1,23 +1,26 @@
-"""Uploaded images: size limit, decoding, and a content hash that keys the feature cache."""
+"""Uploaded images: decoded under the app's pixel limit, with a content hash that keys the feature store."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from ditf.errors import ImageError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 MAX_PIXELS = 4096 * 4096
-"""Largest image the app accepts, in pixels (width x height): 16.8 megapixels, e.g. 4096 x 4096."""
+"""The app's default largest upload in pixels (width x height), 16.8 megapixels: every click computes a
+full-resolution cosine map per target, so the page refuses what `ditf.features.preprocess.MAX_PIXELS` (for
+files on disk) would accept. `ditf app --max-pixels` changes it."""
 
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """An 8-bit RGB image with its content hash (SHA-256 of the size and pixels, hex) and a display name."""
+    """An 8-bit RGB image, its content hash (hex SHA-256 of its size and pixels) and a display name."""
 
     image: Image.Image
     digest: str
@@ -29,38 +32,19 @@ class LoadedImage:
         return self.image.height, self.image.width
 
 
-def load_upload(source: str | Path | Image.Image | Any, name: str | None = None) -> LoadedImage:
-    """Decode an uploaded file path (or anything `ditf.features.preprocess.load_image` reads) into an
-    RGB `LoadedImage`. Raises `ImageError` for a non-image, or for an image over `MAX_PIXELS` (checked
-    from the file header, before the pixels are decoded)."""
+def load_upload(source: str | Path | Any, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Decode an upload (a file path, or anything `ditf.features.preprocess.load_image` reads) into a
+    `LoadedImage`. `ImageError` names the file for a non-image, a vanished file, or an image over `max_pixels`
+    (refused from the file header, before the pixels are decoded)."""
     from ditf.features.preprocess import load_image
 
-    label = name or (Path(source).name if isinstance(source, (str, Path)) else type(source).__name__)
-    if isinstance(source, (str, Path)):
-        try:
-            with Image.open(source) as header:
-                width, height = header.size
-        except FileNotFoundError as err:
-            raise ImageError(f"image {label!r} does not exist any more; upload it again.") from err
-        except Exception as err:  # PIL raises several types for non-images, including decompression bombs
-            raise ImageError(
-                f"{label!r} is not an image PIL can read ({type(err).__name__}); upload a JPEG, PNG or WebP."
-            ) from err
-        _check_pixels(label, width, height)
+    name = Path(source).name if isinstance(source, (str, Path)) else type(source).__name__
     try:
-        image = load_image(source)
-    except ImageError:
-        raise
-    except Exception as err:
-        raise ImageError(f"{label!r} could not be decoded ({type(err).__name__}: {err}); upload another file.") from err
-    _check_pixels(label, image.width, image.height)
+        image = load_image(source, max_pixels=max_pixels)
+    except ImageError as err:
+        raise ImageError(f"upload {name!r}: {err}") from err
+    except Exception as err:  # decoders raise many types for broken files; the page shows a message instead
+        raise ImageError(f"upload {name!r} could not be decoded ({type(err).__name__}: {err}); upload a JPEG, "
+                         "PNG or WebP image.") from err
     digest = hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
-    return LoadedImage(image=image, digest=digest, name=label)
-
-
-def _check_pixels(label: str, width: int, height: int) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"image {label!r} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the app's limit of "
-            f"{MAX_PIXELS / 1e6:.1f} megapixels; downscale it (features use at most a few hundred pixels per side)."
-        )
+    return LoadedImage(image=image, digest=digest, name=name)

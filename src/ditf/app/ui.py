@@ -1,6 +1,7 @@
 """The gradio page of `ditf app`: components, layout and the wiring of events to `ditf.app.callbacks`.
 
-gradio is imported inside `build_app`, so importing this module stays cheap and works without it.
+gradio is imported inside `build_app` (`require_gradio`), so this module imports without gradio installed and
+`ditf app` can say how to install it.
 """
 
 # No `from __future__ import annotations` here: gradio finds the click's `evt: gr.SelectData` parameter by
@@ -11,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from ditf.app import callbacks
-from ditf.app.settings import SMOKE_SETTINGS, VARIANTS, FeatureSettings, preset_settings
 from ditf.app.store import FeatureStore
 from ditf.errors import DitfError
-from ditf.smoke_cache import is_smoke_model
+from ditf.settings import VARIANTS, FeatureSettings
+from ditf.smoke import is_smoke_model
 
 MAX_UPLOAD = "64mb"
-"""Largest upload the server accepts (pixels are limited separately by `ditf.app.images.MAX_PIXELS`)."""
+"""Largest upload file the server accepts (pixels are limited separately: `FeatureStore.max_pixels`)."""
 
 
 class GradioMissingError(DitfError):
@@ -31,16 +32,9 @@ def require_gradio() -> Any:
     except ImportError as err:
         raise GradioMissingError(
             "`ditf app` needs gradio, which is not installed; install it with pip install 'ditf[app]' "
-            "(or pip install 'gradio>=4')."
+            "(in a checkout: pip install -e '.[app]')."
         ) from err
     return gradio
-
-
-def bundled_examples() -> tuple[Path, Path] | None:
-    """(source, target) example images of a source checkout (examples/cat1.jpg, cat2.jpg), or None."""
-    folder = Path(__file__).resolve().parents[3] / "examples"
-    pair = (folder / "cat1.jpg", folder / "cat2.jpg")
-    return pair if all(p.is_file() for p in pair) else None
 
 
 def model_banner(model: str) -> str:
@@ -55,13 +49,12 @@ def model_banner(model: str) -> str:
     return f'<div id="model-banner" style="padding:4px 0">Model: <code>{name}</code></div>'
 
 
-def build_app(store: FeatureStore, model: str, settings: FeatureSettings | None = None,
-              examples: tuple[Path, Path] | None = None) -> Any:
-    """The page as a `gradio.Blocks` (not launched). `store` loads the models and caches features;
-    `model` and `settings` fill the controls (default: the model's preset, else the smoke demo settings);
+def build_app(store: FeatureStore, settings: FeatureSettings, examples: tuple[Path, Path] | None = None) -> Any:
+    """The page as a `gradio.Blocks` (not launched). `store` loads the models and keeps the features;
+    `settings` (resolved for a model, e.g. by `store.settings`) fill the model box and the controls;
     `examples` (source, target) adds a button that loads them (pass their folder to `launch(allowed_paths=)`)."""
     gr = require_gradio()
-    settings = settings or preset_settings(model) or SMOKE_SETTINGS
+    model = settings.model or ""
 
     def on_select(source: Any, targets: Any, model_text: str, block: Any, t: Any, ensemble: Any, resolution: Any,
                   variant: Any, evt: gr.SelectData) -> tuple[Any, Any, str]:
@@ -88,9 +81,11 @@ def build_app(store: FeatureStore, model: str, settings: FeatureSettings | None 
         return view.figure, view.summary, view.status
 
     def on_model(model_text: str) -> tuple[Any, ...]:
-        preset = preset_settings((model_text or "").strip())
+        """A new model: its banner, and its preset's block, t, ensemble and resolution (none: keep the controls)."""
         banner = model_banner((model_text or "").strip())
-        if preset is None:
+        try:
+            preset = store.settings(model_text)
+        except DitfError:
             return banner, gr.update(), gr.update(), gr.update(), gr.update()
         return banner, preset.block, preset.t, preset.ensemble, preset.resolution
 
@@ -104,7 +99,8 @@ def build_app(store: FeatureStore, model: str, settings: FeatureSettings | None 
         with gr.Row():
             model_box = gr.Textbox(value=model, label="model: preset alias, hub id or local folder (Enter to apply)",
                                    scale=3, elem_id="model")
-            variant = gr.Radio(list(VARIANTS), value=settings.variant, label="variant", scale=2, elem_id="variant")
+            variant = gr.Radio(list(VARIANTS), value=settings.variant if settings.variant in VARIANTS else "ditf",
+                               label="variant: raw, + LayerNorm, + AdaLN, + discard (DiTF)", scale=2, elem_id="variant")
         with gr.Row():
             block = gr.Number(value=settings.block, precision=0, label="block k", elem_id="block")
             t = gr.Number(value=settings.t, label="t (0..1000)", elem_id="t")
@@ -134,7 +130,7 @@ def build_app(store: FeatureStore, model: str, settings: FeatureSettings | None 
             with gr.Tab("massive activations"):
                 massive_button = gr.Button("profile the source's raw block input", elem_id="massive-button")
                 massive_summary = gr.Textbox(label="massive channels", interactive=False, elem_id="massive-summary")
-                massive_plot = gr.Plot(label="mean |z| per channel", elem_id="massive-plot")
+                massive_plot = gr.Plot(label="median |z| per channel", elem_id="massive-plot")
 
         controls = [model_box, block, t, ensemble, resolution]
         source.select(on_select, [source, targets, *controls, variant], [results, matches, status])

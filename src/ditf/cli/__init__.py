@@ -18,9 +18,9 @@ from ditf.errors import DitfError
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `ditf` command with every sub-command registered."""
+    from ditf.cli import app as app_cli
     from ditf.cli import eval as eval_cli
     from ditf.cli import features as features_cli
-    from ditf.cli import app as app_cli
     from ditf.cli import massive as massive_cli
     from ditf.cli import pca as pca_cli
     from ditf.cli import smoke as smoke_cli

@@ -78,13 +78,7 @@ def pca_rgb(
     """
     maps = _check_features(features)
     sizes = _check_sizes(sizes, maps)
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-        raise InvalidArgumentError(
-            f"threshold={threshold!r} must lie strictly between 0 and 1 (a cut on the first component scaled to "
-            "[0, 1]); leave it None for 0.5."
-        )
-    if not foreground and threshold is not None:
-        raise InvalidArgumentError(f"threshold={threshold!r} only applies with foreground=True; pass foreground=True.")
+    check_threshold(threshold, foreground)
     cells = torch.cat([m.to(torch.float64).flatten(1).T for m in maps])  # (N, C)
     if foreground:
         keep = foreground_mask(maps, DEFAULT_FOREGROUND_THRESHOLD if threshold is None else float(threshold))
@@ -105,6 +99,20 @@ def pca_rgb(
             grid = F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
         pictures.append((grid.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy())
     return pictures
+
+
+def check_threshold(threshold: float | None, foreground: bool) -> None:
+    """Refuse a foreground `threshold` outside (0, 1), or one given without `foreground` (checked before any
+    features are computed by callers that compute them)."""
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise InvalidArgumentError(
+            f"threshold={threshold!r} must lie strictly between 0 and 1 (a cut on the first component scaled to "
+            "[0, 1]); leave it out for 0.5."
+        )
+    if not foreground:
+        raise InvalidArgumentError(f"threshold={threshold!r} only applies with foreground=True; pass foreground=True.")
 
 
 def foreground_mask(features: Sequence[torch.Tensor], threshold: float = DEFAULT_FOREGROUND_THRESHOLD) -> torch.Tensor:
