@@ -20,7 +20,7 @@ setup() {
       .venv/bin/python -m pip uninstall -q -y torch
     fi
     .venv/bin/python -m pip install -q "$torch_spec"
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev,app]"  # app: gradio, for ditf app
     echo "$torch_spec" > .venv/.ditf-installed
   fi
 }

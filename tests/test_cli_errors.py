@@ -243,6 +243,34 @@ def rows() -> list[tuple[str, Callable[[World], list[str]], str]]:
          r"argument --mask: invalid choice"),
         # ---- smoke model
         ("smoke-model-into-a-file", lambda w: ["smoke-model", "-o", str(w.files["a_file"])], r"exists but holds no smoke model"),
+        # ---- pca
+        ("pca-image-missing", lambda w: ["pca", "missing.jpg", "--model", m(w), "-o", o(w, "p.png"), *SMALL], r"'missing.jpg' does not exist"),
+        ("pca-image-not-an-image", lambda w: ["pca", CAT1, str(w.files["not_an_image"]), "--model", m(w), "-o", o(w, "p.png"), *SMALL],
+         r"notes.jpg' is corrupt or not an image"),
+        ("pca-figure-suffix", lambda w: ["pca", CAT1, "--model", m(w), "-o", o(w, "p.txt"), *SMALL],
+         r"--output .*p.txt': the suffix '.txt' is not one of .png"),
+        ("pca-output-below-a-file", lambda w: ["pca", CAT1, "--model", m(w), "-o", str(w.files["a_file"] / "p.png"), *SMALL],
+         r"a_file.txt is a file, so nothing can be written below it"),
+        ("pca-threshold-without-foreground", lambda w: ["pca", CAT1, "--model", m(w), "-o", o(w, "p.png"), "--threshold", "0.4", *SMALL],
+         r"--threshold only apply together with --foreground"),
+        ("pca-threshold-out-of-range", lambda w: ["pca", CAT1, "--model", m(w), "-o", o(w, "p.png"), "--foreground", "--threshold", "1.5",
+                                                  *SMALL], r"--threshold 1.5 must lie strictly between 0 and 1"),
+        ("pca-t-out-of-range", lambda w: ["pca", CAT1, "--model", m(w), "-o", o(w, "p.png"), *SMALL, "--t", "2000"], r"--t 2000.* outside 0\.\.1000"),
+        # ---- app (each fails before a server starts)
+        ("app-port-too-large", lambda w: ["app", "--port", "70000"], r"--port 70000 is outside 1\.\.65535"),
+        ("app-port-0", lambda w: ["app", "--port", "0"], r"--port 0 is outside 1\.\.65535"),
+        ("app-port-not-a-number", lambda w: ["app", "--port", "http"], r"argument --port: invalid int value"),
+        ("app-max-pixels-0", lambda w: ["app", "--max-pixels", "0"], r"--max-pixels 0 must be at least 1"),
+        ("app-model-missing", lambda w: ["app", "--model", "./nowhere/model"], r"'./nowhere/model': no such file or folder"),
+        ("app-alias-typo", lambda w: ["app", "--model", "flux-devv"], r"Did you mean 'flux-dev'"),
+        ("app-model-no-vae", lambda w: ["app", "--model", str(w.broken["no_vae"]), "--device", "cpu"],
+         r"the vae folder .* is missing or empty"),
+        ("app-device-malformed", lambda w: ["app", "--model", m(w), "--device", "gpu0"], r"--device 'gpu0' is not a device"),
+        ("app-discard", lambda w: ["app", "--model", m(w), "--discard", "auto"], r"--discard auto: the page's variant control"),
+        ("app-t-out-of-range", lambda w: ["app", "--model", m(w), "--device", "cpu", "--t", "2000"], r"--t 2000.* outside 0\.\.1000"),
+        ("app-ensemble-too-large", lambda w: ["app", "--model", m(w), "--device", "cpu", "--ensemble", "100"],
+         r"--ensemble 100 is more than the app's 64"),
+        ("app-max-batch-0", lambda w: ["app", "--max-batch", "0"], r"--max-batch 0: give at least 1"),
     ]
 
 

@@ -25,7 +25,7 @@ def imported_after(code: str) -> list[str]:
 
 def test_the_layer_contracts_hold():
     """pyproject.toml's import-linter contracts: errors/io -> registry -> settings -> arch -> loading -> features ->
-    matching -> baselines -> eval | massive -> cli, and no import cycle inside any package."""
+    matching | viz -> baselines -> eval | massive -> app -> cli, and no import cycle inside any package."""
     from importlinter.cli import lint_imports
 
     cwd = os.getcwd()
@@ -37,12 +37,14 @@ def test_the_layer_contracts_hold():
 
 
 def test_import_ditf_loads_no_heavy_library():
-    assert imported_after("import ditf, ditf.eval, ditf.massive; ditf.__version__; ditf.PRESETS; ditf.FeatureSettings") == []
+    assert imported_after("import ditf, ditf.eval, ditf.massive, ditf.app, ditf.viz; ditf.__version__; ditf.PRESETS; "
+                          "ditf.FeatureSettings") == []
 
 
 @pytest.mark.parametrize("command", [[], ["features"], ["match"], ["eval"], ["eval", "spair"], ["eval", "davis"],
                                      ["eval", "davis-score"], ["massive", "scan"], ["massive", "disrupt"],
-                                     ["massive", "guide"], ["massive", "transport"], ["smoke-model"]])
+                                     ["massive", "guide"], ["massive", "transport"], ["smoke-model"], ["pca"],
+                                     ["app"]])
 def test_help_imports_neither_torch_nor_diffusers(command):
     code = f"from ditf.cli import main\ntry:\n    main({command + ['--help']!r})\nexcept SystemExit:\n    pass"
     assert imported_after(code) == []

@@ -19,9 +19,11 @@ from ditf.errors import DitfError
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `ditf` command with every sub-command registered."""
+    from ditf.cli import app as app_cli
     from ditf.cli import eval as eval_cli
     from ditf.cli import features as features_cli
     from ditf.cli import massive as massive_cli
+    from ditf.cli import pca as pca_cli
     from ditf.cli import smoke as smoke_cli
     from ditf.cli import sweep as sweep_cli
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     massive_cli.register(subparsers)
     sweep_cli.register(subparsers)
     smoke_cli.register(subparsers)
+    pca_cli.register(subparsers)
+    app_cli.register(subparsers)
     return parser
 
 
