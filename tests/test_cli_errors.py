@@ -266,7 +266,7 @@ def rows() -> list[tuple[str, Callable[[World], list[str]], str]]:
         ("app-model-no-vae", lambda w: ["app", "--model", str(w.broken["no_vae"]), "--device", "cpu"],
          r"the vae folder .* is missing or empty"),
         ("app-device-malformed", lambda w: ["app", "--model", m(w), "--device", "gpu0"], r"--device 'gpu0' is not a device"),
-        ("app-discard", lambda w: ["app", "--model", m(w), "--discard", "auto"], r"--discard auto: the page's variant control"),
+        ("app-discard", lambda w: ["app", "--model", m(w), "--discard", "auto"], r"unrecognized arguments: --discard auto"),
         ("app-t-out-of-range", lambda w: ["app", "--model", m(w), "--device", "cpu", "--t", "2000"], r"--t 2000.* outside 0\.\.1000"),
         ("app-ensemble-too-large", lambda w: ["app", "--model", m(w), "--device", "cpu", "--ensemble", "100"],
          r"--ensemble 100 is more than the app's 64"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ditf.app.images import MAX_PIXELS
-from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args
+from ditf.cli.common import HelpFormatter, add_max_pixels, add_model_args, add_settings_args
 
 DEFAULT_PORT = 7860
 """gradio's usual port."""
@@ -27,19 +27,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     server.add_argument("--cache", help="folder for the smoke model served without --model "
                                         "(default: $DITF_CACHE_DIR, else ~/.cache/ditf)")
-    add_model_args(parser, required=False)
-    add_settings_args(parser, image_size=False)
-    settings_group = next(group for group in parser._action_groups if group.title.startswith("DiTF settings"))
-    settings_group.title = "DiTF settings: the controls' first values and fixed options (default: the model's preset)"
+    add_model_args(parser, required=False,
+                   model_help="preset alias (e.g. flux-dev), hub id, local diffusers folder or single-file checkpoint "
+                              "(default: the random-weight smoke model, built offline into --cache; its matches are "
+                              "meaningless)")
+    settings_group = add_settings_args(  # no --discard: the page's variant control decides what is discarded
+        parser, image_size=False, discard=False, max_pixels=False,
+        title="DiTF settings: the controls' first values and fixed options (default: the model's preset)")
     settings_group.add_argument("--resolution", type=int, help="long image side in pixels")
-    parser.set_defaults(func=run, max_pixels=MAX_PIXELS)
-    helps = {"model": "preset alias (e.g. flux-dev), hub id, local diffusers folder or single-file checkpoint "
-                      "(default: the random-weight smoke model, built offline into --cache; its matches are meaningless)",
-             "max_pixels": f"largest upload in pixels (width x height; default: {MAX_PIXELS}); larger ones get a "
-                           "message in the page",
-             "discard": argparse.SUPPRESS}  # the page's variant control decides (refused in `run`)
-    for action in parser._actions:  # the shared options, in this command's words
-        action.help = helps.get(action.dest, action.help)
+    add_max_pixels(parser, default=MAX_PIXELS, help_text=f"largest upload in pixels (width x height; default: "
+                                                         f"{MAX_PIXELS}); larger ones get a message in the page")
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port {args.port} is outside 1..65535; gradio's usual port is {DEFAULT_PORT}.")
-    if args.discard is not None:
-        raise InvalidArgumentError(f"--discard {args.discard}: the page's variant control chooses what is discarded "
-                                   "(ditf: auto; raw, ln, adaln: nothing); drop --discard.")
     if args.max_batch is not None and args.max_batch < 1:
         raise InvalidArgumentError(f"--max-batch {args.max_batch}: give at least 1 ensemble member per forward pass "
                                    "(leave it out to run all members at once).")

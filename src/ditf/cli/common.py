@@ -21,16 +21,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+        if action.default in (None, False, [], "", argparse.SUPPRESS) or "default" in help_text:
             return help_text
         return super()._get_help_string(action)
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True, model_help: str | None = None) -> None:
     """Add --model and where / how it is loaded."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=required,
-                       help="preset alias (e.g. flux-dev), hub id, local diffusers folder or single-file checkpoint")
+    group.add_argument("--model", required=required, help=model_help or
+                       "preset alias (e.g. flux-dev), hub id, local diffusers folder or single-file checkpoint")
     group.add_argument("--config", help="folder with the diffusers config.json, for single-file checkpoints")
     group.add_argument("--weights-variant", help="weight files variant to load, e.g. fp16 (*.fp16.safetensors)")
     group.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: bf16 on CUDA, fp32 elsewhere)")
@@ -41,9 +41,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, required: bool = True) ->
                        help="user preset files (TOML, e.g. from `ditf sweep --write-preset`), after $DITF_PRESETS")
 
 
-def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = True, block_and_t: bool = True) -> None:
-    """Add the `FeatureSettings` options (each defaults to the model's preset; see `ditf presets`)."""
-    group = parser.add_argument_group("DiTF settings (default: the model's preset)")
+def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = True, block_and_t: bool = True,
+                      discard: bool = True, max_pixels: bool = True,
+                      title: str = "DiTF settings (default: the model's preset)") -> argparse._ArgumentGroup:
+    """Add the `FeatureSettings` options (each defaults to the model's preset; see `ditf presets`); return the
+    group, for a command's own options of the same kind."""
+    group = parser.add_argument_group(title)
     if block_and_t:
         group.add_argument("--block", type=int, help="global block index k")
         group.add_argument("--t", type=float, help="timestep in 0..1000")
@@ -53,7 +56,8 @@ def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = Tru
         group.add_argument("--size", type=parse_size, help="exact image size HxW in pixels, e.g. 512x640 (multiples of the stride)")
         group.add_argument("--pad-square", action="store_true", default=None, help="pad the resized image to a square")
     group.add_argument("--prompt", help="text prompt (default: empty)")
-    group.add_argument("--discard", help="massive channels to zero: auto, none, or indices like 154,1446 (default: auto)")
+    if discard:
+        group.add_argument("--discard", help="massive channels to zero: auto, none, or indices like 154,1446 (default: auto)")
     group.add_argument("--massive-ratio", type=float,
                        help="auto discard without known channels: median |z| at least this many times the median (default: 100)")
     group.add_argument("--variant", choices=list(VARIANTS),
@@ -62,12 +66,15 @@ def add_settings_args(parser: argparse.ArgumentParser, *, image_size: bool = Tru
     group.add_argument("--seed", type=int, help="noise seed (default: 0)")
     group.add_argument("--vae-sample", choices=list(VAE_SAMPLES), help="VAE posterior: a sample per member, shared, or the mode")
     group.add_argument("--max-batch", type=int, help="ensemble members per forward pass (default: all)")
-    add_max_pixels(parser)
+    if max_pixels:
+        add_max_pixels(parser)
+    return group
 
 
-def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+def add_max_pixels(parser: argparse.ArgumentParser, *, default: int | None = None,
+                   help_text: str = "largest input image in pixels (width x height) (default: 100000000)") -> None:
     """Add --max-pixels, the largest input image read (see `ditf.features.preprocess.MAX_PIXELS`)."""
-    parser.add_argument("--max-pixels", type=int, help="largest input image in pixels (width x height) (default: 100000000)")
+    parser.add_argument("--max-pixels", type=int, default=default, help=help_text)
 
 
 @contextmanager
