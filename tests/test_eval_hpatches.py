@@ -24,11 +24,11 @@ from ditf.eval.homography import (
 )
 from ditf.eval.hpatches import (
     HPatchesSubsetWarning,
-    evaluate_hpatches,
     hpatches_feature_folder,
     keypoints_for,
     load_hpatches,
     read_keypoints,
+    score_hpatches,
 )
 from ditf.eval.hpatches_dataset import HIGH_RESOLUTION_SEQUENCES, STANDARD_SEQUENCES
 from ditf.eval.hpatches_keypoints import grid_keypoints, sift_keypoints
@@ -70,7 +70,7 @@ def hpatches_root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("mode", ["lmeds", "ransac"])
 def test_fixture_reproduces_dift_reference(hpatches_root, mode):
-    results = evaluate_hpatches(
+    results = score_hpatches(
         load_hpatches(hpatches_root), hpatches_feature_folder(FEATURES), keypoints=KEYPOINTS, mode=mode, progress=False
     )
     expected = EXPECTED[mode]
@@ -90,7 +90,7 @@ def test_fixture_reproduces_dift_reference(hpatches_root, mode):
 
 
 def test_builtin_grid_keypoints_run_end_to_end(hpatches_root):
-    results = evaluate_hpatches(
+    results = score_hpatches(
         load_hpatches(hpatches_root, ["v_case21_3"]), hpatches_feature_folder(FEATURES), keypoints="grid", progress=False
     )
     assert list(results["per_pair"]) == [f"v_case21_3/{k}" for k in range(2, 7)]
@@ -103,7 +103,7 @@ def test_pairs_without_a_homography_count_as_wrong(hpatches_root):
     def constant_features(sequence: str, index: int, image_path: Path) -> torch.Tensor:
         return torch.ones(4, 3, 3)  # every descriptor alike: one mutual match, too few for a homography
 
-    results = evaluate_hpatches(
+    results = score_hpatches(
         load_hpatches(hpatches_root, ["i_case21_0"]), constant_features, keypoints=KEYPOINTS, progress=False
     )
     assert {pair["mean_corner_error"] for pair in results["per_pair"].values()} == {None}
@@ -113,7 +113,7 @@ def test_pairs_without_a_homography_count_as_wrong(hpatches_root):
 
 def test_unknown_mode_is_refused(hpatches_root):
     with pytest.raises(InvalidArgumentError, match="'magsac'"):
-        evaluate_hpatches(load_hpatches(hpatches_root), hpatches_feature_folder(FEATURES), mode="magsac")
+        score_hpatches(load_hpatches(hpatches_root), hpatches_feature_folder(FEATURES), mode="magsac")
 
 
 # ------------------------------------------------------------------------- the maths by hand
@@ -271,14 +271,14 @@ def test_features_with_different_channels_name_both_files(hpatches_root, tmp_pat
     dataset = load_hpatches(hpatches_root, ["v_case21_1"])
     reference = re.escape(str(tmp_path / "v_case21_1" / "1.safetensors"))
     with pytest.raises(DatasetError, match=f"{reference}: 32 channels, but {re.escape(str(narrow))}: 16"):
-        evaluate_hpatches(dataset, hpatches_feature_folder(tmp_path), keypoints=KEYPOINTS, progress=False)
+        score_hpatches(dataset, hpatches_feature_folder(tmp_path), keypoints=KEYPOINTS, progress=False)
 
 
 def test_missing_feature_file_is_named(hpatches_root, tmp_path):
     dataset = load_hpatches(hpatches_root, ["v_case21_1"])
     expected = re.escape(str(tmp_path / "v_case21_1" / "1.safetensors"))
     with pytest.raises(DatasetError, match=f"{expected} does not exist"):
-        evaluate_hpatches(dataset, hpatches_feature_folder(tmp_path), keypoints=KEYPOINTS, progress=False)
+        score_hpatches(dataset, hpatches_feature_folder(tmp_path), keypoints=KEYPOINTS, progress=False)
 
 
 def test_builtin_keypoints_lie_inside_the_image(hpatches_root):

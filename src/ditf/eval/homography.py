@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ditf.errors import InvalidArgumentError
+from ditf.eval.hpatches_protocol import DEFAULT_THRESHOLDS, REPROJECTION_THRESHOLD
 
 HOMOGRAPHY_METHODS = {"lmeds": cv2.LMEDS, "ransac": cv2.RANSAC}
-DEFAULT_THRESHOLDS = (1.0, 3.0, 5.0)  # DIFT: np.linspace(1, 5, 3)
 MIN_MATCHES = 4  # a homography has 8 degrees of freedom; cv2.findHomography refuses fewer points
 
 
@@ -74,14 +74,14 @@ def mutual_nearest_neighbours(descriptors_a: torch.Tensor, descriptors_b: torch.
 
 
 def estimate_homography(
-    points_a: np.ndarray, points_b: np.ndarray, method: str = "lmeds", threshold: float = 3.0
+    points_a: np.ndarray, points_b: np.ndarray, method: str = "lmeds", threshold: float = REPROJECTION_THRESHOLD
 ) -> np.ndarray | None:
     """The (3, 3) float64 homography mapping `points_a` (M, 2) onto `points_b` (M, 2), pixels, or None.
 
     DIFT's `cv2.findHomography(pts_a, pts_b, cv2.LMEDS or cv2.RANSAC, ransacReprojThreshold=3)` on
     float32 points (`threshold` is the reprojection threshold in pixels; LMEDS ignores it). None when
     there are fewer than 4 matches (OpenCV raises) or OpenCV finds no homography (it returns None):
-    DIFT has no branch for either and crashes there; `evaluate_hpatches` counts such a pair as wrong
+    DIFT has no branch for either and crashes there; `score_hpatches` counts such a pair as wrong
     at every threshold.
     """
     if method not in HOMOGRAPHY_METHODS:

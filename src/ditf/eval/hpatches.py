@@ -25,16 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ditf.errors import DatasetError, InvalidArgumentError
 from ditf.eval.homography import (
-    DEFAULT_THRESHOLDS,
-    HOMOGRAPHY_METHODS,
-    estimate_homography,
     homography_accuracy,
     mean_corner_error,
+    estimate_homography,
     mutual_nearest_neighbours,
     sample_descriptors,
 )
@@ -45,102 +42,75 @@ from ditf.eval.hpatches_dataset import (
     HPatchesSubsetWarning,
     load_hpatches,
 )
-from ditf.eval.hpatches_keypoints import describe_keypoints, keypoints_for, read_keypoints
+from ditf.eval.hpatches_keypoints import keypoints_for, read_keypoints
+from ditf.eval.hpatches_protocol import (
+    DEFAULT_THRESHOLDS,
+    HOMOGRAPHY_MODES,
+    REPROJECTION_THRESHOLD,
+    hpatches_protocol_card,
+)
+from ditf.eval.keypoints import ImageRecord, image_size
+from ditf.eval.sources import FeatureFolder, FeatureSource
 
 __all__ = [
     "STANDARD_SEQUENCES",
     "FeaturesFor",
     "HPatchesDataset",
-    "HPatchesFeatureFolder",
+    "HPatchesFeatures",
     "HPatchesSubsetWarning",
-    "evaluate_hpatches",
     "hpatches_feature_folder",
+    "hpatches_images",
     "hpatches_protocol_card",
     "keypoints_for",
     "load_hpatches",
+    "plot_homography_accuracy",
     "read_keypoints",
+    "score_hpatches",
 ]
 
 FeaturesFor = Callable[[str, int, Path], torch.Tensor]
-DIFT_REFERENCE = "DIFT eval_hpatches.py + eval_homography.py (Tsingularity/dift @9421eb2)"
-FEATURES_TENSOR = "features"
+"""features_for(sequence, k, image_path) -> (C, h, w) map covering the whole of image k of the sequence."""
 
 
-class HPatchesFeatureFolder:
-    """Precomputed maps `root/<sequence>/<k>.safetensors`, tensor `features` (C, h, w) covering the
-    whole image k; callable as `features_for(sequence, k, image_path)`."""
+def hpatches_images(dataset: HPatchesDataset) -> list[ImageRecord]:
+    """Every image of `dataset` as an `ImageRecord` grouped by sequence, so feature folders hold them as
+    `<folder>/<sequence>/<k>.safetensors` and the feature cache keys them by content."""
+    return [ImageRecord(image.path, image.sequence, image.size)
+            for sequence in dataset.sequences for image in sequence.images]
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(
-                f"features folder {self.root} does not exist; pass the folder that holds "
-                f"<sequence>/<k>.safetensors files (tensor '{FEATURES_TENSOR}', shape (C, h, w))"
-            )
+
+class HPatchesFeatures:
+    """A `features_for(sequence, k, image_path)` over any feature source (a folder `<sequence>/<k>.safetensors`
+    or a cached extractor); `path_for(sequence, k)` names the file in errors. `images` (from `hpatches_images`)
+    saves reading each image's size again."""
+
+    def __init__(self, source: FeatureSource, images: Sequence[ImageRecord] = ()):
+        self.source = source
+        self._records = {(image.group, int(image.stem)): image for image in images}
+
+    def _record(self, sequence: str, index: int, image_path: Path) -> ImageRecord:
+        if (sequence, index) not in self._records:
+            self._records[sequence, index] = ImageRecord(Path(image_path), sequence, image_size(Path(image_path)))
+        return self._records[sequence, index]
 
     def path_for(self, sequence: str, index: int) -> Path:
-        """The file expected to hold the map of image `index` of `sequence`."""
-        return self.root / sequence / f"{index}.safetensors"
+        """The feature file of image `index` of `sequence` (for a folder: `<folder>/<sequence>/<index>.safetensors`)."""
+        record = self._records.get((sequence, index))
+        if record is None:
+            return Path(f"{sequence}/{index}.safetensors")
+        return self.source.path_for(record)
 
     def __call__(self, sequence: str, index: int, image_path: Path) -> torch.Tensor:
-        path = self.path_for(sequence, index)
-        if not path.is_file():
-            raise DatasetError(
-                f"no features for {image_path}: {path} does not exist; write the map of that image there as a "
-                f"safetensors file with a tensor '{FEATURES_TENSOR}' of shape (C, h, w)"
-            )
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                if FEATURES_TENSOR not in handle.keys():
-                    raise DatasetError(
-                        f"{path} holds tensors {list(handle.keys())} but no '{FEATURES_TENSOR}'; rename the feature tensor"
-                    )
-                return handle.get_tensor(FEATURES_TENSOR)
-        except SafetensorError as err:
-            raise DatasetError(f"{path} is not a readable safetensors file ({err}); rewrite it") from err
+        return self.source.load(self._record(sequence, index, image_path))
 
     def describe(self) -> dict:
-        """Settings entry for the results JSON."""
-        return {"source": "features folder", "features": str(self.root)}
+        """Settings entry for the results JSON: the source's."""
+        return self.source.describe()
 
 
-def hpatches_feature_folder(root: str | Path) -> HPatchesFeatureFolder:
+def hpatches_feature_folder(root: str | Path) -> HPatchesFeatures:
     """A `features_for` that reads `root/<sequence>/<k>.safetensors` (tensor `features`, (C, h, w))."""
-    return HPatchesFeatureFolder(root)
-
-
-def hpatches_protocol_card(
-    keypoints: str | Path = "sift",
-    mode: str = "lmeds",
-    reprojection_threshold: float = 3.0,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-) -> dict:
-    """The protocol card: a plain-language statement of every choice, printed with results."""
-    method = {"lmeds": "cv2.LMEDS (ignores the reprojection threshold)", "ransac": "cv2.RANSAC"}.get(mode, mode)
-    return {
-        "name": "dift-hpatches",
-        "reference": DIFT_REFERENCE,
-        "mode": mode,
-        "reprojection_threshold": float(reprojection_threshold),
-        "thresholds": [float(threshold) for threshold in thresholds],
-        "keypoints": str(keypoints),
-        "description": {
-            "pairs": "image 1 with each image k = 2..6 of every sequence; i_* and v_* scored apart and together",
-            "keypoints": describe_keypoints(keypoints) + "; duplicates dropped with np.unique(axis=0), "
-            "which sorts them by x then y",
-            "descriptors": "F.grid_sample (bilinear, zero padding, align_corners=False) of each image's own (C, h, w) "
-            "map at (kp - c) / c, c = ((W - 1) / 2, (H - 1) / 2) of that image; the map is not upsampled and "
-            "covers the whole image",
-            "matching": "mutual nearest neighbours by cosine similarity (first index wins a tie)",
-            "homography": f"cv2.findHomography(image-1 points, image-k points, {method}, "
-            f"ransacReprojThreshold={reprojection_threshold:g}) on float32 pixels",
-            "error": "mean distance (px) between image 1's corners (0,0), (0,H-1), (W-1,0), (W-1,H-1) warped by the "
-            "estimate and by H_1_k",
-            "accuracy": "percent of pairs with mean corner error <= each threshold (px)",
-            "failures": "fewer than 4 matches, or no homography from OpenCV: mean_corner_error null, wrong at every "
-            "threshold (DIFT's script has no branch for this and stops with an error)",
-        },
-    }
+    return HPatchesFeatures(FeatureFolder(root, group="sequence", flat=False))
 
 
 def _where(features_for: FeaturesFor, image: HPatchesImage) -> str:
@@ -169,14 +139,14 @@ def _describe_image(
     return points, sample_descriptors(features, points, image.size)
 
 
-def evaluate_hpatches(
+def score_hpatches(
     dataset: HPatchesDataset,
     features_for: FeaturesFor,
     *,
     keypoints: str | Path = "sift",
     mode: str = "lmeds",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    reprojection_threshold: float = 3.0,
+    reprojection_threshold: float = REPROJECTION_THRESHOLD,
     progress: bool = True,
 ) -> dict:
     """Homography accuracy of the feature maps from `features_for` on `dataset`, DIFT's protocol.
@@ -190,8 +160,8 @@ def evaluate_hpatches(
     "protocol": card}. A pair whose two maps differ in channels raises DatasetError naming both.
     """
     card = hpatches_protocol_card(keypoints, mode, reprojection_threshold, thresholds)
-    if mode not in HOMOGRAPHY_METHODS:
-        raise InvalidArgumentError(f"mode must be one of {tuple(HOMOGRAPHY_METHODS)}, got {mode!r}")
+    if mode not in HOMOGRAPHY_MODES:
+        raise InvalidArgumentError(f"mode must be one of {HOMOGRAPHY_MODES}, got {mode!r}")
     errors: dict[str, float | None] = {}
     per_pair: dict[str, dict] = {}
     for sequence in tqdm(dataset.sequences, desc="HPatches", unit="sequence", disable=not progress):
@@ -217,3 +187,31 @@ def evaluate_hpatches(
         **homography_accuracy(errors, thresholds),
         "per_pair": per_pair,
     }
+
+
+def plot_homography_accuracy(results: dict, path: str | Path) -> Path:
+    """Line chart of homography accuracy (percent of pairs) against the corner-error threshold (px), for all
+    sequences, `i_*` and `v_*`; saved atomically (format from the suffix)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ditf.io import atomic_path
+
+    figure = Figure(figsize=(5.5, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for group, label, style in (("overall", "all", "-o"), ("i", "illumination (i_*)", "--s"),
+                                ("v", "viewpoint (v_*)", ":^")):
+        if results.get(group) is not None:
+            axes.plot(results["thresholds"], results[group], style, label=label)
+    axes.set_xlabel("mean corner error threshold (px)")
+    axes.set_ylabel("pairs within the threshold (%)")
+    axes.set_ylim(0, 100)
+    card = results["protocol"]
+    axes.set_title(f"HPatches homography accuracy ({card['mode']}, {results['benchmark']['pairs']} pairs)")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=path.suffix.lstrip(".") or "png")
+    return path

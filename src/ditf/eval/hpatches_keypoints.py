@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ditf.errors import DatasetError, InvalidArgumentError
@@ -59,6 +58,8 @@ def read_keypoints(path: str | Path) -> np.ndarray:
 def sift_keypoints(image_path: str | Path, max_keypoints: int = SIFT_MAX_KEYPOINTS) -> np.ndarray:
     """(N <= max_keypoints, 2) float32 (x, y) pixels of OpenCV SIFT keypoints of the grayscale image,
     strongest response first (positions may repeat with different orientations)."""
+    import cv2
+
     image = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise DatasetError(f"image {image_path} cannot be read by OpenCV; check that the file exists and re-download it")
@@ -103,3 +104,25 @@ def keypoints_for(source: str | Path, image: HPatchesImage) -> np.ndarray:
             f"SuperPoint keypoints: {SUPERPOINT_1K_URL}) or one of the built-in detectors {KEYPOINT_DETECTORS}"
         )
     return read_keypoints(folder / f"{image.sequence}-{image.index}.kp")
+
+
+def check_keypoint_files(source: str | Path, images: list[HPatchesImage]) -> None:
+    """Read every image's keypoint file of folder `source` now (built-in detectors need none), so a missing,
+    malformed or misplaced file is reported before any model loads; DatasetError naming the file.
+
+    Keypoints must lie inside their image (x in 0..W-1, y in 0..H-1, up to half a pixel): points outside belong
+    to another image or another resolution.
+    """
+    if isinstance(source, str) and source in KEYPOINT_DETECTORS:
+        return
+    for image in images:
+        points = keypoints_for(source, image)
+        height, width = image.size
+        outside = (points[:, 0] < -0.5) | (points[:, 0] > width - 0.5) | (points[:, 1] < -0.5) | (points[:, 1] > height - 0.5)
+        if outside.any():
+            x, y = points[outside][0]
+            raise DatasetError(
+                f"keypoint file {Path(source) / f'{image.sequence}-{image.index}.kp'} has {int(outside.sum())} "
+                f"keypoints outside its {width}x{height} image {image.path} (e.g. x={x:g}, y={y:g}); write x y pixels "
+                "of that image (not of a resized copy), one keypoint per row"
+            )

@@ -7,7 +7,7 @@ whose label is `ignore_index`; predictions outside 0..num_classes-1 (e.g. 255 af
 summed over the whole split before `total_area_to_metrics` divides: aAcc = total intersection /
 total labelled pixels, per class IoU = intersection / union and Acc = intersection / label area,
 mIoU and mAcc = `nanmean` over classes (a class absent from labels and predictions has IoU NaN and
-is skipped; a class that is only predicted has IoU 0 and Acc NaN).
+is skipped; a class that is only predicted has IoU 0 and Acc NaN, written None: JSON has no NaN).
 
 Differences from mmsegmentation, none of which changes a score beyond float rounding: counts are
 exact int64 (mmseg sums float32 histograms, which round above 2**24 pixels per class) and
@@ -16,8 +16,8 @@ percentages are not rounded to two decimals.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from ditf.eval.ade20k import (
 )
 from ditf.eval.ade20k import reduce_zero_label as reduce_zero
 from ditf.io import write_json_atomic
+from ditf.versions import ditf_version
 
 
 @dataclass
@@ -107,7 +108,8 @@ def summarize(areas: SegmentationAreas, reduce_zero_label: bool = True) -> dict[
     """Scores in percent: {"aAcc", "mIoU", "mAcc", "per_class": {"<class id>": {"IoU", "Acc"}}}.
 
     `per_class` lists the classes with a non-zero union, keyed by the id in the annotation
-    convention (train id + 1 when `reduce_zero_label`); "Acc" is NaN for a class that is only predicted.
+    convention (train id + 1 when `reduce_zero_label`). A score that mmsegmentation reports as NaN (the
+    "Acc" of a class that is only predicted, never labelled) is None here, so the scores are strict JSON.
     """
     metrics = total_area_to_metrics(areas)
     offset = 1 if reduce_zero_label else 0
@@ -116,14 +118,19 @@ def summarize(areas: SegmentationAreas, reduce_zero_label: bool = True) -> dict[
         mean_iou = float(np.nanmean(iou)) if not np.all(np.isnan(iou)) else float("nan")
         mean_acc = float(np.nanmean(acc)) if not np.all(np.isnan(acc)) else float("nan")
     return {
-        "aAcc": 100 * metrics["aAcc"],
-        "mIoU": 100 * mean_iou,
-        "mAcc": 100 * mean_acc,
+        "aAcc": percent_or_none(metrics["aAcc"]),
+        "mIoU": percent_or_none(mean_iou),
+        "mAcc": percent_or_none(mean_acc),
         "per_class": {
-            str(index + offset): {"IoU": 100 * float(iou[index]), "Acc": 100 * float(acc[index])}
+            str(index + offset): {"IoU": percent_or_none(iou[index]), "Acc": percent_or_none(acc[index])}
             for index in np.flatnonzero(areas.union > 0)
         },
     }
+
+
+def percent_or_none(fraction: float) -> float | None:
+    """100 * `fraction`, or None where it is undefined (NaN): JSON has no NaN."""
+    return None if math.isnan(float(fraction)) else 100 * float(fraction)
 
 
 # --------------------------------------------------------------------------------- ADE20K scorer
@@ -147,8 +154,8 @@ def score_segmentation(
         progress: show a tqdm bar over images.
 
     Returns:
-        {"aAcc", "mIoU", "mAcc": percent, "per_class": {"<class id>": {"IoU", "Acc"}} (percent),
-         "num_images", "protocol", "ditf_version"}.
+        {"aAcc", "mIoU", "mAcc": percent, "per_class": {"<class id>": {"IoU", "Acc"}} (percent; None where
+         mmsegmentation has NaN), "num_images", "protocol", "ditf_version"}.
 
     Raises:
         DatasetError: the tree is incomplete, or a prediction is missing, of the wrong size, not a
@@ -183,7 +190,7 @@ def score_segmentation(
             "averaging": "areas summed over the split; mIoU, mAcc = nanmean over classes; percent",
             "reference": "open-mmlab/mmsegmentation IoUMetric (intersect_and_union, total_area_to_metrics)",
         },
-        "ditf_version": _ditf_version(),
+        "ditf_version": ditf_version(),
     }
     if output is not None:
         write_json_atomic(output, scores)
@@ -217,10 +224,3 @@ def read_prediction(path: Path, size: tuple[int, int], annotation: Path) -> np.n
             "(0 = no class). If your model outputs train ids 0..149, add 1 before saving; never write 255."
         )
     return pred
-
-
-def _ditf_version() -> str:
-    try:
-        return metadata.version("ditf")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
