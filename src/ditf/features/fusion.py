@@ -20,7 +20,7 @@ pck_spair_pascal.py), with a DiTF map in place of SD-DINO's three Stable Diffusi
 
 SD-DINO's PCA is `torch.pca_lowrank` (randomised); here it is exact by default (an eigendecomposition in
 float64 with a fixed sign per axis), so the same pair always gives the same fused maps; `pca="lowrank"` is
-SD-DINO's randomised PCA with a fixed seed (faster, approximate).
+SD-DINO's randomised PCA with a fixed seed (approximate; for fidelity to SD-DINO).
 """
 
 from __future__ import annotations
