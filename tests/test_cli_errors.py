@@ -23,6 +23,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 FIXTURES = Path(__file__).parent / "fixtures"
 SPAIR = FIXTURES / "spair_real"
 DAVIS = FIXTURES / "davis_mini" / "DAVIS"
+ADE = FIXTURES / "ade20k_mini"
+HP_FEATURES, HP_KEYPOINTS = FIXTURES / "hpatches_mini" / "features", FIXTURES / "hpatches_mini" / "keypoints"
 CAT1, CAT2 = str(EXAMPLES / "cat1.jpg"), str(EXAMPLES / "cat2.jpg")
 SMALL = ["--block", "21", "--t", "261", "--ensemble", "1", "--resolution", "64", "--dtype", "fp32", "--device", "cpu"]
 GEN = ["--num-inference-steps", "1", "--height", "64", "--width", "64", "--device", "cpu"]
@@ -56,6 +58,46 @@ def _broken_models(model: Path, root: Path) -> dict[str, Path]:
         "bad_config": copy("bad_config", lambda f: (f / "transformer" / "config.json").write_text("{'single': quotes}")),
         "no_weights": copy("no_weights", lambda f: (f / weights).unlink()),
     }
+
+
+def _hpatches_and_ade20k(root: Path) -> dict[str, Path]:
+    """An hpatches_mini tree with images, and broken copies of it, of its keypoints and maps, of ade20k_mini and of
+    its predictions; spair_real's maps with one of 16 channels."""
+    from safetensors.torch import load_file
+    from test_eval_hpatches import FEATURES as HP_FEATURES
+    from test_eval_hpatches import KEYPOINTS as HP_KEYPOINTS
+    from test_eval_hpatches import copy_tree
+
+    made = {"hpatches": copy_tree(root / "hp"), "hpatches_partial": copy_tree(root / "hp_partial", ["i_case21_0"])}
+    (made["hpatches_partial"] / "i_case21_0" / "H_1_4").unlink()
+    for kind, text in (("3col", "10 20 0.9\n30 40 0.8\n"), ("outside", "10 20\n900 40\n")):
+        folder = Path(shutil.copytree(HP_KEYPOINTS, root / f"kp_{kind}"))
+        (folder / "i_case21_0-1.kp").write_text(text)
+        made[f"kp_{kind}"] = folder
+    narrow = Path(shutil.copytree(HP_FEATURES, root / "hp_features_narrow")) / "v_case21_1" / "3.safetensors"
+    save_file({"features": load_file(narrow)["features"][:16].contiguous()}, narrow)
+    made["hp_features_narrow"] = narrow.parent.parent
+    spair_narrow = Path(shutil.copytree(SPAIR / "features", root / "features_narrow")) / "aeroplane" / "2008_004100.safetensors"
+    save_file({"features": load_file(spair_narrow)["features"][:16].contiguous()}, spair_narrow)
+    made["features_narrow"] = spair_narrow.parent.parent
+    ade = Path(shutil.copytree(ADE, root / "ade_partial"))
+    (ade / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_04100003.png").unlink()
+    made["ade_partial"] = ade
+    for kind in ("wrong_size", "id_151", "missing"):
+        folder = Path(shutil.copytree(ADE / "predictions", root / f"pred_{kind}"))
+        target = folder / "ADE_val_04100001.png"
+        if kind == "wrong_size":
+            Image.fromarray(np.ones((10, 12), np.uint8)).save(target)
+        elif kind == "id_151":
+            ids = np.array(Image.open(target))
+            ids[0, 0] = 151
+            Image.fromarray(ids).save(target)
+        else:
+            target.unlink()
+        made[f"pred_{kind}"] = folder
+    (root / "empty").mkdir()
+    made["empty"] = root / "empty"
+    return made
 
 
 def _feature_folders(root: Path) -> dict[str, Path]:
@@ -94,6 +136,7 @@ def world(flux_pipeline_dir, tmp_path_factory) -> World:
     files["read_only"].mkdir()
     files["captions_broken"].write_text("{not json")
     files.update({f"features_{k}": v for k, v in _feature_folders(root).items()})
+    files.update(_hpatches_and_ade20k(root))
     return World(flux_pipeline_dir, root / "out", _broken_models(flux_pipeline_dir, root), files)
 
 
@@ -106,6 +149,9 @@ def rows() -> list[tuple[str, Callable[[World], list[str]], str]]:
     spair = lambda *extra: ["eval", "spair", "--root", str(SPAIR), "--quiet", *extra]  # noqa: E731
     davis = lambda w, *extra: ["eval", "davis", "--root", str(DAVIS), "--model", m(w), "-o", o(w), "--quiet", *SMALL[:2],  # noqa: E731
                                "--dtype", "fp32", "--device", "cpu", *extra]
+    hp = lambda w, *extra, root="hpatches": ["eval", "hpatches", "--root", str(w.files[root]), "--quiet", *extra]  # noqa: E731
+    ade = lambda w, *extra: ["eval", "ade20k", "--root", str(w.files["ade_partial"]), "--quiet", "-o", o(w), *extra]  # noqa: E731
+    seg = lambda *extra: ["eval", "seg-score", "--root", str(ADE), "--quiet", *extra]  # noqa: E731
     scan = lambda w, *extra: ["massive", "scan", "--model", m(w), "-o", o(w), *GEN, *extra]  # noqa: E731
     gen = lambda w, cmd, *extra: ["massive", *cmd, "--model", m(w), "--prompt", "a cat", *GEN, *extra]  # noqa: E731
     return [
@@ -209,6 +255,73 @@ def rows() -> list[tuple[str, Callable[[World], list[str]], str]]:
         ("eval-pfpascal-missing", lambda w: ["eval", "pfpascal", "--root", str(w.out / "none"), "--features", str(SPAIR)],
          r"PF-Pascal root .* is not a directory"),
         ("eval-ap10k-missing", lambda w: ["eval", "ap10k", "--root", str(w.out / "none"), "--features", str(SPAIR)], r"AP-10K"),
+        ("eval-channels-differ", lambda w: spair("--features", str(w.files["features_narrow"])),
+         r"2008_004100.safetensors\) have 16 channels but those of .*2008_002719.safetensors\) have 48"),
+        # ---- eval --fuse
+        ("fuse-params-without-fuse", lambda w: spair("--features", str(SPAIR / "features"), "--fuse-dims", "8", "none"),
+         r"--fuse-dims only apply together with --fuse"),
+        ("fuse-dims-0", lambda w: spair("--features", str(SPAIR / "features"), "--fuse", "dinov2-b14", "--fuse-dims", "0", "none"),
+         r"argument --fuse-dims: '0' is not a number of dimensions >= 1 or 'none'"),
+        ("fuse-weights-zero", lambda w: spair("--features", str(SPAIR / "features"), "--fuse-features", str(SPAIR / "features"),
+                                              "--fuse-weights", "0", "0"), r"fusion weights=\(0.0, 0.0\) .* not both 0"),
+        ("fuse-dims-above-channels", lambda w: spair("--features", str(SPAIR / "features"), "--fuse-features", str(SPAIR / "features")),
+         r"fusion dims \[512, None\]: the DiTF maps have 48 channels .*--fuse-dims 48 none"),
+        ("fuse-unknown", lambda w: spair("--features", str(SPAIR / "features"), "--fuse", "dinov3"), r"argument --fuse: invalid choice"),
+        ("fuse-both-sources", lambda w: spair("--features", str(SPAIR / "features"), "--fuse", "dinov2-b14", "--fuse-features", str(SPAIR)),
+         r"pass one of --fuse NAME .* and --fuse-features DIR"),
+        ("fuse-features-missing", lambda w: spair("--features", str(SPAIR / "features"), "--fuse-features", o(w, "none")),
+         r"features folder .*none does not exist"),
+        ("fuse-channels-differ", lambda w: spair("--features", str(SPAIR / "features"), "--fuse-features", str(w.files["features_narrow"]),
+                                                 "--fuse-dims", "8", "none"), r"2008_004100.safetensors\) have 16 channels"),
+        # ---- HPatches
+        ("hpatches-root-missing", lambda w: ["eval", "hpatches", "--root", o(w, "nowhere"), "--features", str(HP_FEATURES), "--keypoints", "sift"],
+         r"HPatches root .*nowhere is not a directory.*hpatches-sequences-release.tar.gz"),
+        ("hpatches-partial-tree", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", "sift", root="hpatches_partial"),
+         r"lacks i_case21_0/H_1_4 .*the download is incomplete"),
+        ("hpatches-keypoints-wrong-shape", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", str(w.files["kp_3col"])),
+         r"keypoint file .*i_case21_0-1.kp has 3 columns per row .*expected 2"),
+        ("hpatches-keypoints-outside", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", str(w.files["kp_outside"])),
+         r"keypoint file .*i_case21_0-1.kp has 1 keypoints outside its 240x180 image"),
+        ("hpatches-keypoints-missing", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", o(w, "kps")),
+         r"keypoint folder .*kps does not exist.*superpoint-1k"),
+        ("hpatches-channels-differ", lambda w: hp(w, "--features", str(w.files["hp_features_narrow"]), "--keypoints", "grid"),
+         r"v_case21_1/3.safetensors\) have 16 channels but those of .*/1.safetensors\) have 32"),
+        ("hpatches-features-missing", lambda w: hp(w, "--features", str(w.files["empty"]), "--keypoints", "grid"),
+         r"24 of 24 images have no features .*<sequence>/<image stem>.safetensors"),
+        ("hpatches-no-source", lambda w: hp(w, "--keypoints", "grid"), r"pass exactly one of --features DIR"),
+        ("hpatches-mode", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", "grid", "--mode", "magsac"),
+         r"argument --mode: invalid choice"),
+        ("hpatches-output-suffix", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", "grid", "-o", o(w, "h.txt")),
+         r"the suffix '.txt' is not one of .json"),
+        ("hpatches-plot-suffix", lambda w: hp(w, "--features", str(HP_FEATURES), "--keypoints", "grid", "--plot", o(w, "p.json")),
+         r"--plot .*p.json': the suffix '.json' is not one of .png"),
+        # ---- ADE20K
+        ("ade20k-root-missing", lambda w: ["eval", "ade20k", "--root", o(w, "nowhere"), "--features", str(SPAIR), "-o", o(w)],
+         r"ADE20K root .*nowhere does not exist.*ADEChallengeData2016.zip"),
+        ("ade20k-no-training-split", lambda w: ["eval", "ade20k", "--root", str(ADE), "--features", str(SPAIR), "-o", o(w)],
+         r"the ADE20K training annotations are missing: folder .*annotations/training does not exist"),
+        ("ade20k-image-without-annotation", lambda w: ade(w, "--features", str(SPAIR), "--train-split", "validation"),
+         r"the ADE20K tree is incomplete: 1 image\(s\) have no partner .*ADE_val_04100003.png"),
+        ("ade20k-features-missing", lambda w: ["eval", "ade20k", "--root", str(ADE), "--features", str(w.files["empty"]),
+                                               "--train-split", "validation", "-o", o(w), "--quiet"],
+         r"6 of 6 images have no features .*<split>/<image stem>.safetensors"),
+        ("ade20k-output-is-a-file", lambda w: ["eval", "ade20k", "--root", str(ADE), "--features", str(SPAIR), "-o", str(w.files["a_file"])],
+         r"--output .*a_file.txt' is a file, but this command writes a folder"),
+        ("ade20k-steps-0", lambda w: ade(w, "--features", str(SPAIR), "--steps", "0"), r"--steps 0 must be > 0"),
+        ("ade20k-probe-unknown", lambda w: ade(w, "--features", str(SPAIR), "--probe", "deep"), r"argument --probe: invalid choice"),
+        # ---- seg-score
+        ("seg-score-wrong-size", lambda w: seg("--predictions", str(w.files["pred_wrong_size"])),
+         r"prediction .*ADE_val_04100001.png is 12x10 \(WxH\) but its annotation .* write predictions at the annotation's size"),
+        ("seg-score-id-above-150", lambda w: seg("--predictions", str(w.files["pred_id_151"])),
+         r"prediction .*ADE_val_04100001.png contains id 151; .*ids 1\.\.150 .*add 1"),
+        ("seg-score-prediction-missing", lambda w: seg("--predictions", str(w.files["pred_missing"])),
+         r"lacks 1 of 6 predictions \(ADE_val_04100001.png\)"),
+        ("seg-score-predictions-folder-missing", lambda w: seg("--predictions", o(w, "pred")), r"predictions folder .*pred does not exist"),
+        ("seg-score-predictions-a-file", lambda w: seg("--predictions", str(w.files["a_file"])), r"--predictions .*a_file.txt' is a file"),
+        ("seg-score-root-missing", lambda w: ["eval", "seg-score", "--root", o(w, "none"), "--predictions", str(ADE / "predictions")],
+         r"ADE20K root .*none does not exist"),
+        ("seg-score-output-suffix", lambda w: seg("--predictions", str(ADE / "predictions"), "-o", o(w, "s.txt")),
+         r"the suffix '.txt' is not one of .json"),
         # ---- DAVIS
         ("davis-score-results-missing", lambda w: ["eval", "davis-score", "--root", str(DAVIS), "--results", o(w, "none")],
          r"results folder .* does not exist"),

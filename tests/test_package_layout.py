@@ -42,7 +42,8 @@ def test_import_ditf_loads_no_heavy_library():
 
 
 @pytest.mark.parametrize("command", [[], ["features"], ["match"], ["eval"], ["eval", "spair"], ["eval", "davis"],
-                                     ["eval", "davis-score"], ["massive", "scan"], ["massive", "disrupt"],
+                                     ["eval", "davis-score"], ["eval", "hpatches"], ["eval", "ade20k"],
+                                     ["eval", "seg-score"], ["massive", "scan"], ["massive", "disrupt"],
                                      ["massive", "guide"], ["massive", "transport"], ["smoke-model"], ["pca"],
                                      ["app"]])
 def test_help_imports_neither_torch_nor_diffusers(command):

@@ -85,8 +85,9 @@ _FLUX2_PIPELINE = "Flux2Pipeline: guidance_scale 4.0 and posterior-mode VAE late
 
 CORRESPONDENCE_TASKS = ("spair", "pfpascal", "ap10k")
 """Keypoint-correspondence benchmarks: a model's own preset (block, t, resolution, ensemble) is its setting for these."""
-TASKS = (*CORRESPONDENCE_TASKS, "davis")
-"""Tasks with task presets: the correspondence benchmarks and DAVIS-2017 label propagation."""
+TASKS = (*CORRESPONDENCE_TASKS, "davis", "hpatches", "ade20k")
+"""Tasks with task presets: the correspondence benchmarks, DAVIS-2017 label propagation, HPatches homography
+estimation and ADE20K segmentation transfer."""
 
 _CORRESPONDENCE = TaskPreset(
     "DiTF authors' eval_spair.py (@08658e6): one class prompt per image, 'a photo of a {category}'",
@@ -103,6 +104,18 @@ TASK_DEFAULTS: Mapping[str, TaskPreset] = MappingProxyType({
         settings={"ensemble": 1, "prompt": "a photo of a image"},
         protocol={"short_side": 960, "size_multiple": 32, "n_last_frames": 7, "neighborhood_radius": 12, "topk": 5,
                   "temperature": 0.1},
+    ),
+    "hpatches": TaskPreset(
+        "DIFT's HPatches protocol (Tsingularity/dift @9421eb2, eval_hpatches.py): every image resized to 768x768 "
+        "(aspect not kept) and described by its whole low-resolution map, empty prompt. The DiTF paper (Table 8) "
+        "publishes no block or timestep for HPatches",
+        settings={"size": (768, 768), "resolution": None},
+        protocol={"prompt_mode": "empty"},
+    ),
+    "ade20k": TaskPreset(
+        "no published ADE20K feature setting (the DiTF paper reports 54.8 mIoU, Table 6, without its input size, "
+        "block, timestep or head): the whole image at the model's own resolution, empty prompt",
+        protocol={"prompt_mode": "empty"},
     ),
 })
 """Defaults of each task for every model (the protocol as published, model-agnostic parts only)."""

@@ -3,7 +3,8 @@
 Features come from exactly one of `--features DIR` (precomputed `DIR/<category>/<stem>.safetensors`),
 `--model` (a `DiTFExtractor`) or `--baseline NAME` (`ditf.baselines`), the last two through the
 content-addressed cache. With `--shard i/n` a process only fills the cache for its share of the images; a
-final run with `--cache-only` (or without --shard) scores.
+final run with `--cache-only` (or without --shard) scores. `--fuse dinov2-b14` fuses every pair with DINOv2
+features (`ditf.features.fusion`, the paper's † rows), extracted through the same cache.
 """
 
 from __future__ import annotations
@@ -12,14 +13,8 @@ import argparse
 import json
 from typing import Any
 
-from ditf.cli.common import (
-    HelpFormatter,
-    add_model_args,
-    add_settings_args,
-    device_of,
-    quiet_loading,
-    resolve_cli_settings,
-)
+from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, device_of
+from ditf.cli.eval_sources import add_source_args, source_options
 from ditf.cli.outputs import check_output_file
 from ditf.errors import InvalidArgumentError
 from ditf.eval.ap10k import AP10K_SPLITS, AP10K_SUBSETS
@@ -27,7 +22,9 @@ from ditf.eval.pfpascal import PF_PASCAL_SPLITS
 from ditf.eval.prompts import PROMPT_MODES
 from ditf.eval.protocol import GEOAWARE_PAD_SIZE, MATCHERS, PROTOCOL_NAMES, THRESHOLDS
 from ditf.eval.spair import SPAIR_LAYOUTS, SPAIR_SPLITS, VARIATION_FLAGS
-from ditf.settings import DTYPES
+from ditf.features.fusion_settings import FUSABLE_BASELINES, GRIDS, NORMALIZE_MODES, PCA_METHODS, FusionSettings
+
+FUSION_DEFAULTS = FusionSettings()
 
 BENCHMARKS = {
     "spair": ("SPair-71k PCK", SPAIR_SPLITS),
@@ -74,20 +71,75 @@ def _common_options() -> argparse.ArgumentParser:
     protocol.add_argument("--allow", default="", metavar="CHECKS",
                           help="feature-map checks to switch off, comma-separated: constant, aspect")
 
-    source = parser.add_argument_group("features (exactly one of --features / --model / --baseline)")
-    source.add_argument("--features", help="folder of <category>/<image stem>.safetensors (tensor 'features', (C, h, w))")
-    source.add_argument("--baseline", help="baseline extractor from ditf.baselines: dift, dinov2-b14, dinov2-l14")
+    add_source_args(parser, "<category>/<image stem>.safetensors")
+    source = parser.add_argument_group("prompts")
     source.add_argument("--prompt-mode", choices=PROMPT_MODES,
                         help="empty, class ('a photo of a {category}', the default for --model) or caption "
                              "(per-image captions from --captions)")
     source.add_argument("--captions", help="JSON {category + image file name: caption} (DiTF authors' format)")
-    source.add_argument("--cache", help="feature cache folder (default $DITF_CACHE_DIR/features or ~/.cache/ditf/features)")
-    source.add_argument("--cache-dtype", choices=list(DTYPES), help="store cached maps in this dtype")
-    source.add_argument("--shard", help="i/n (0 <= i < n) or 'auto' (RANK/WORLD_SIZE): only fill the cache for this share")
-    source.add_argument("--cache-only", action="store_true", help="score from the cache; never run the model")
     add_model_args(parser, required=False)
     add_settings_args(parser)
+    add_fusion_args(parser)
     return parser
+
+
+def add_fusion_args(parser: argparse.ArgumentParser) -> None:
+    """Add --fuse and the fusion parameters (defaults: SD-DINO's recipe, DiTF reduced to 512 by PCA)."""
+    group = parser.add_argument_group("fusion with DINOv2 (the paper's † rows; see ditf.features.fusion)")
+    group.add_argument("--fuse", choices=FUSABLE_BASELINES,
+                       help="fuse each pair's features with this DINOv2 baseline's, extracted through the cache")
+    group.add_argument("--fuse-features", metavar="DIR",
+                       help="fuse with precomputed DINOv2 maps DIR/<category>/<image stem>.safetensors instead")
+    group.add_argument("--fuse-weights", nargs=2, type=float, metavar=("DITF", "DINO"),
+                       help=f"weight of each L2-normalised part (default: {' '.join(f'{w:g}' for w in FUSION_DEFAULTS.weights)}, "
+                            "SD-DINO's)")
+    group.add_argument("--fuse-dims", nargs=2, type=parse_fusion_dims, metavar=("DITF", "DINO"),
+                       help="principal components kept per part, or 'none' to keep it whole (default: "
+                            f"{' '.join(str(d).lower() for d in FUSION_DEFAULTS.dims)}: 512 + 768 = the paper's 1280 "
+                            "with dinov2-b14)")
+    group.add_argument("--fuse-normalize", choices=NORMALIZE_MODES,
+                       help=f"when each part is L2-normalised per location (default: {FUSION_DEFAULTS.normalize}, "
+                            "SD-DINO's: after PCA)")
+    group.add_argument("--fuse-grid", choices=GRIDS,
+                       help=f"the common grid of an image's two maps (default: {FUSION_DEFAULTS.grid})")
+    group.add_argument("--fuse-pca", choices=PCA_METHODS,
+                       help=f"exact (float64 eigendecomposition) or lowrank (SD-DINO's seeded torch.pca_lowrank) "
+                            f"(default: {FUSION_DEFAULTS.pca})")
+
+
+def parse_fusion_dims(text: str) -> int | None:
+    """'512' -> 512, 'none' -> None (keep the part whole)."""
+    if text.strip().lower() == "none":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of dimensions >= 1 or 'none'")
+    return int(text)
+
+
+FUSION_FLAGS = {"fuse_weights": ("--fuse-weights", "weights"), "fuse_dims": ("--fuse-dims", "dims"),
+                "fuse_normalize": ("--fuse-normalize", "normalize"), "fuse_grid": ("--fuse-grid", "grid"),
+                "fuse_pca": ("--fuse-pca", "pca")}
+
+
+def fusion_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fusion keywords of `ditf.eval.evaluate_*` from --fuse, --fuse-features and the --fuse-* parameters."""
+    given = {field: tuple(value) if isinstance(value, list) else value
+             for name, (_, field) in FUSION_FLAGS.items() if (value := getattr(args, name, None)) is not None}
+    if args.fuse is None and args.fuse_features is None:
+        if given:
+            flags = [FUSION_FLAGS[name][0] for name in FUSION_FLAGS if getattr(args, name, None) is not None]
+            raise InvalidArgumentError(f"{', '.join(flags)} only apply together with --fuse (or --fuse-features); "
+                                       "add --fuse dinov2-b14 or drop them.")
+        return {}
+    if args.fuse is not None and args.fuse_features is not None:
+        raise InvalidArgumentError("pass one of --fuse NAME (extract DINOv2 features) and --fuse-features DIR "
+                                   "(precomputed DINOv2 maps), not both.")
+    options: dict[str, Any] = {"fusion": FusionSettings(**given)}
+    if args.fuse_features is not None:
+        return {**options, "fuse_features": args.fuse_features}
+    from ditf.baselines import BaselineExtractor
+
+    return {**options, "fuse": BaselineExtractor(args.fuse, device=device_of(args))}
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -103,7 +155,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise InvalidArgumentError(f"--workers {args.workers}: give at least 1 (processes scoring pairs).")
     allow = [check.strip() for check in args.allow.split(",") if check.strip()]
-    options = dict(source_options(args), protocol=args.protocol, threshold=args.threshold, matcher=args.matcher,
+    options = dict(source_options(args, task=args.benchmark), **fusion_options(args), protocol=args.protocol, threshold=args.threshold, matcher=args.matcher,
                    pad_size=args.pad_size, categories=args.categories, split=args.split, workers=args.workers,
                    allow=allow, progress=not args.quiet)
     if args.benchmark == "spair":
@@ -128,46 +180,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
     else:
         print(format_protocol_card(results["protocol"]))
     return 0
-
-
-def source_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The feature-source keywords of `ditf.eval.evaluate_*` from --features / --model / --baseline."""
-    chosen = [flag for flag, value in (("--features", args.features), ("--model", args.model),
-                                       ("--baseline", args.baseline)) if value is not None]
-    if len(chosen) != 1:
-        raise InvalidArgumentError(
-            "pass exactly one of --features DIR (precomputed maps), --model ALIAS (extract with DiTFeaturizer) or "
-            f"--baseline NAME (dift, dinov2-b14, dinov2-l14); got {', '.join(chosen) or 'none'}"
-        )
-    cache = dict(cache_dir=args.cache, cache_only=args.cache_only, shard=args.shard,
-                 cache_dtype={"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.cache_dtype),
-                 prompt_mode=args.prompt_mode, captions=args.captions)
-    if args.features is not None:
-        from ditf.cli.common import settings_overrides
-
-        given = [flag for flag, value in (("--shard", args.shard), ("--cache-only", args.cache_only),
-                                          ("--cache", args.cache), ("--cache-dtype", args.cache_dtype),
-                                          ("--prompt-mode", args.prompt_mode), ("--variant", args.variant))
-                 if value] + [f"--{name.replace('_', '-')}" for name in settings_overrides(args)]
-        if given:
-            raise InvalidArgumentError(
-                f"{', '.join(sorted(set(given)))} describe how features are extracted, but --features reads "
-                "precomputed maps; drop them, or extract with --model instead of --features."
-            )
-        return {"features": args.features}
-    quiet_loading()
-    if args.baseline is not None:
-        from ditf.baselines import BaselineExtractor
-        from ditf.settings import torch_dtype
-
-        device = device_of(args)
-        return {"extractor": BaselineExtractor(args.baseline, torch_dtype(args.dtype, device), device), **cache}
-    from ditf.eval.extractors import DiTFExtractor
-
-    settings = resolve_cli_settings(args, task=args.benchmark)
-    extractor = DiTFExtractor(args.model, settings, task=args.benchmark, device=device_of(args), offload=args.offload,
-                              config=args.config, variant_files=args.weights_variant)
-    return {"extractor": extractor, **cache}
 
 
 def results_dataset(args: argparse.Namespace) -> Any:

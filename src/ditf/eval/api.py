@@ -4,10 +4,16 @@
     results = evaluate_spair("SPair-71k", extractor=DiTFExtractor("flux-dev", task="spair"))
     results = evaluate_spair("SPair-71k", features="my_feats/")          # precomputed maps
 
+    results = evaluate_spair("SPair-71k", extractor=DiTFExtractor("flux-dev", task="spair"),
+                             fuse="dinov2-b14")                      # fused with DINOv2 per pair (the paper's †)
+
 Features come from exactly one of `features` (a folder of precomputed maps) and `extractor` (a
 `DiTFExtractor`, a baseline from `ditf.baselines`, or any `Extractor`), the latter behind the content-
-addressed feature cache. `shard` fills the cache for a share of the images and returns the shard summary
-instead of results; `workers` spreads CPU scoring over processes; `device` runs the exact matcher on a GPU.
+addressed feature cache. `fuse` (a DINOv2 baseline name or an `Extractor`, cached too) or `fuse_features` (a
+folder of DINOv2 maps) fuses them per pair (`ditf.features.fusion`, parameters in `fusion`). `shard` fills the
+cache for a share of the images and returns the shard summary instead of results; `workers` spreads CPU scoring
+over processes; `device` runs the exact matcher on a GPU. HPatches and ADE20K: `ditf.eval.api_hpatches`,
+`ditf.eval.api_segmentation`.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from typing import Any
 import torch
 
 from ditf.errors import InvalidArgumentError
+from ditf.eval.feature_store import Fusion
 from ditf.eval.keypoints import CorrespondenceDataset
 from ditf.eval.protocol import protocol_for
 from ditf.eval.scoring import score_pairs
 from ditf.eval.sharding import extract_shard
 from ditf.eval.prompts import PromptPolicy, load_captions
 from ditf.eval.sources import CachedExtractor, Extractor, FeatureFolder, FeatureSource
-from ditf.eval.extractors import DiTFExtractor, SquarePadded, default_cache_dir
+from ditf.eval.extractors import DiTFExtractor, SquarePadded, default_cache_dir, default_device
+from ditf.features.fusion_settings import FUSABLE_BASELINES, FusionSettings
 from ditf.settings import task_protocol
 from ditf.registry import preset_for
 
@@ -72,22 +80,73 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
                             cache_only: bool = False, cache_dtype: StorageDtype | None = None,
                             shard: str | tuple[int, int] | None = None, workers: int = 1,
                             device: str | torch.device | None = None, allow: Sequence[str] = (),
+                            fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                            fusion: FusionSettings | Mapping[str, Any] | None = None,
                             progress: bool = True) -> dict[str, Any]:
     """Score a loaded correspondence `dataset` (see `evaluate_spair` for the options); `shard` returns the shard
     summary instead of results."""
     chosen = protocol_for(dataset, protocol, threshold, matcher, pad_size, tuple(alphas) if alphas else None)
-    source = feature_source(features=features, extractor=extractor,
-                            frame_pad=chosen.pad_size if chosen.frame == "square_pad" else None,
-                            prompt_mode=prompt_mode, captions=captions, cache_dir=cache_dir, cache_only=cache_only,
-                            cache_dtype=cache_dtype)
+    frame_pad = chosen.pad_size if chosen.frame == "square_pad" else None
+    cache = dict(cache_dir=cache_dir, cache_only=cache_only, cache_dtype=cache_dtype)
+    source = feature_source(features=features, extractor=extractor, frame_pad=frame_pad, prompt_mode=prompt_mode,
+                            captions=captions, **(cache if features is None or fuse is None else {}))
+    fused = fusion_with(fuse=fuse, fuse_features=fuse_features, fusion=fusion, frame_pad=frame_pad,
+                        cache_dir=cache_dir, cache_only=cache_only, cache_dtype=cache_dtype,
+                        device=_extraction_device(extractor))
     if shard is not None:
-        if features is not None:
+        fillable = [s for s in (source, fused.source if fused else None) if s is not None and s.can_compute]
+        if not fillable:
             raise InvalidArgumentError("shard applies to an extractor (it fills the feature cache), not to features=.")
-        return extract_shard(dataset, source, shard, progress)
+        summaries = [extract_shard(dataset, fill, shard, progress) for fill in fillable]
+        summary = dict(summaries[0])
+        for extra in summaries[1:]:  # the DINOv2 side of a fused run
+            summary["fuse_extracted"] = extra["extracted"]
+            summary["missing_in_dataset"] += extra["missing_in_dataset"]
+        return summary
     results = score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers,
                           device=device if device is not None else _scoring_device(extractor), allow=allow,
-                          progress=progress)
+                          fusion=fused, progress=progress)
     return {**results, **settings_sources(extractor)}
+
+
+def fusion_with(*, fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                fusion: FusionSettings | Mapping[str, Any] | None = None, frame_pad: int | None = None,
+                cache_dir: str | Path | None = None, cache_only: bool = False,
+                cache_dtype: StorageDtype | None = None, device: str | None = None) -> Fusion | None:
+    """The DINOv2 side of a fused evaluation, or None without `fuse` / `fuse_features`.
+
+    fuse: a name in `FUSABLE_BASELINES` (loaded on `device` when first needed) or any `Extractor`, behind the
+    feature cache (`cache_dir`, `cache_only`, `cache_dtype`, as the DiTF side); fuse_features: a folder of
+    precomputed DINOv2 maps `<group>/<stem>.safetensors`. fusion: `FusionSettings` or a mapping of its fields
+    (default: SD-DINO's weights and normalisation, DiTF reduced to 512 by PCA, DINOv2 whole).
+    """
+    if fuse is None and fuse_features is None:
+        if fusion is not None:
+            raise InvalidArgumentError("fusion settings were given without fuse=: pass fuse='dinov2-b14' (or "
+                                       "fuse_features=DIR) to fuse, or drop fusion=.")
+        return None
+    if fuse is not None and fuse_features is not None:
+        raise InvalidArgumentError(f"pass one of fuse={fuse!r} (extract DINOv2 features) and fuse_features="
+                                   f"{str(fuse_features)!r} (precomputed DINOv2 maps), not both.")
+    if isinstance(fuse, str):
+        if fuse not in FUSABLE_BASELINES:
+            raise InvalidArgumentError(f"fuse={fuse!r} is not a DINOv2 baseline; use one of "
+                                       f"{', '.join(FUSABLE_BASELINES)} (or pass an Extractor).")
+        from ditf.baselines import BaselineExtractor
+
+        fuse = BaselineExtractor(fuse, device=device)
+    settings = fusion if isinstance(fusion, FusionSettings) else FusionSettings(**dict(fusion or {}))
+    if fuse_features is not None:
+        return Fusion(FeatureFolder(fuse_features), settings)
+    source = feature_source(extractor=fuse, frame_pad=frame_pad, cache_dir=cache_dir, cache_only=cache_only,
+                            cache_dtype=cache_dtype)
+    return Fusion(source, settings)
+
+
+def _extraction_device(extractor: Extractor | None) -> str:
+    """Where a baseline fused with `extractor` runs: the extractor's device, else the default device."""
+    device = getattr(extractor, "device", None)
+    return str(device) if device is not None else default_device()
 
 
 def settings_sources(extractor: Extractor | None) -> dict[str, Any]:
@@ -109,7 +168,9 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
                    prompt_mode: str | None = None, captions: str | Path | None = None,
                    cache_dir: str | Path | None = None, cache_only: bool = False, cache_dtype: StorageDtype | None = None,
                    shard: str | tuple[int, int] | None = None, workers: int = 1, device: str | torch.device | None = None,
-                   allow: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+                   allow: Sequence[str] = (), fuse: str | Extractor | None = None,
+                   fuse_features: str | Path | None = None, fusion: FusionSettings | Mapping[str, Any] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
     """PCK on SPair-71k: the results dict `ditf eval spair` writes (`ditf.eval.scoring.score_pairs` documents it).
 
     root: the SPair-71k folder; split: "test", "val" or "trn"; categories, filters (variation flag -> allowed
@@ -117,7 +178,9 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
     "geoaware" (GeoAware-SC), with threshold ("bbox" or "image"), matcher ("upsampled" or "patch") and pad_size
     overrides. Features: see `feature_source`. shard "i/n" or "auto": fill the cache for that share of the images
     and return its summary. workers: CPU scoring processes. device: where the matcher runs (default: the
-    extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect").
+    extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect"). fuse,
+    fuse_features, fusion: fuse each pair with DINOv2 features (`fusion_with`; the paper's † rows); the results'
+    settings and protocol card then hold the fusion parameters under "fusion".
     """
     from ditf.eval.spair import load_spair
 
@@ -127,7 +190,8 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
                                    cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   allow=allow, progress=progress)
+                                   allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
+                                   progress=progress)
 
 
 def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, extractor: Extractor | None = None,
@@ -137,6 +201,8 @@ def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, e
                       cache_dir: str | Path | None = None, cache_only: bool = False,
                       cache_dtype: StorageDtype | None = None, shard: str | tuple[int, int] | None = None,
                       workers: int = 1, device: str | torch.device | None = None, allow: Sequence[str] = (),
+                      fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                      fusion: FusionSettings | Mapping[str, Any] | None = None,
                       progress: bool = True) -> dict[str, Any]:
     """PCK on PF-Pascal (image-size thresholds, alphas 0.1/0.05/0.15 by default); options as `evaluate_spair`."""
     from ditf.eval.pfpascal import load_pfpascal
@@ -146,7 +212,8 @@ def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, e
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
                                    cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   allow=allow, progress=progress)
+                                   allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
+                                   progress=progress)
 
 
 def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extractor: Extractor | None = None,
@@ -156,6 +223,8 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
                    cache_dir: str | Path | None = None, cache_only: bool = False,
                    cache_dtype: StorageDtype | None = None, shard: str | tuple[int, int] | None = None,
                    workers: int = 1, device: str | torch.device | None = None, allow: Sequence[str] = (),
+                   fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                   fusion: FusionSettings | Mapping[str, Any] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """PCK on AP-10K (GeoAware-SC's pairs): subset "intra-species", "cross-species" or "cross-family"; options as
     `evaluate_spair`."""
@@ -166,7 +235,8 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
                                    cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   allow=allow, progress=progress)
+                                   allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
+                                   progress=progress)
 
 
 def evaluate_davis(root: str | Path, output: str | Path, *, extractor: DiTFExtractor | str, split: str = "val",

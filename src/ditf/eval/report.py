@@ -23,10 +23,12 @@ def format_protocol_card(card: dict) -> str:
     lines = [f"protocol card: {card['name']} ({card['reference']})"]
     entries = dict(card.get("description", {}))
     entries["alphas"] = ", ".join(str(alpha) for alpha in card["alphas"])
+    entries.update({f"fusion {key}": value for key, value in card.get("fusion", {}).items()})
+    width = max(len(key) for key in entries)
     for key, value in entries.items():
         wrapped = textwrap.wrap(str(value), width=96) or [""]
-        lines.append(f"  {key:<10} {wrapped[0]}")
-        lines.extend(f"  {'':<10} {line}" for line in wrapped[1:])
+        lines.append(f"  {key:<{width}} {wrapped[0]}")
+        lines.extend(f"  {'':<{width}} {line}" for line in wrapped[1:])
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 `score_pairs(dataset, source, protocol)` reads each image's feature map once (an LRU keeps the recent ones
 and the prepared targets), predicts, and returns the results dictionary. On a GPU the exact matcher runs
 there (`device=`); on the CPU the pairs can be spread over `workers` processes, each single-threaded, which
-scales where splitting the small float64 products over threads does not.
+scales where splitting the small float64 products over threads does not. With a `Fusion`, each pair is matched
+on DiTF maps fused with DINOv2 maps (`ditf.eval.feature_store.FusedFeatureStore`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import math
 import multiprocessing
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -25,70 +26,16 @@ from tqdm.auto import tqdm
 from ditf.errors import DatasetError, InvalidArgumentError
 from ditf.eval.keypoints import CorrespondenceDataset, Frame, ImageRecord, KeypointPair
 from ditf.eval.metrics import PairOutcome, bbox_threshold, point_errors, summarize
+from ditf.eval.feature_store import SANITY_CHECKS, FeatureStore, FusedFeatureStore, Fusion
 from ditf.eval.protocol import Protocol
 from ditf.eval.sources import FeatureSource
+from ditf.features.fusion_settings import FusionSettings, check_fusion_dims
 from ditf.features.io import load_features
-from ditf.matching.correspondence import match_points_lowres, match_prepared, prepare_target, upsampled_vectors
+from ditf.matching.correspondence import match_points_lowres, match_prepared, upsampled_vectors
 from ditf.versions import ditf_version
 
-FEATURE_LRU_IMAGES = 32
-"""Feature maps (and prepared targets) kept in memory while scoring."""
-SANITY_CHECKS = ("constant", "aspect")
-"""Checks of every feature map before it is scored, which `allow` can switch off: a constant map (an extractor
-that failed silently) and a map whose orientation disagrees with its image's (a transposed map)."""
-ASPECT_SLACK = 1.1
-"""A map and its image disagree in orientation when one is more than 10% taller than wide and the other more
-than 10% wider than tall (square maps of square-resizing extractors, e.g. DIFT, pass)."""
-
-
-def check_map(features: torch.Tensor, size: tuple[int, int], where: str, allow: Collection[str] = ()) -> None:
-    """DatasetError naming `where` when `features` (C, h, w) of an image of `size` (H, W) is constant, or lies in
-    the other orientation (transposed), unless `allow` names that check."""
-    if "constant" not in allow and bool(features.amax() == features.amin()):
-        raise DatasetError(f"{where}: the feature map is constant (every value {float(features.flatten()[0]):g}); the "
-                           "extractor probably failed. Recompute it, or score it anyway with --allow constant.")
-    map_aspect, image_aspect = features.shape[1] / features.shape[2], size[0] / size[1]
-    flipped = (map_aspect > ASPECT_SLACK and image_aspect < 1 / ASPECT_SLACK) or (
-        map_aspect < 1 / ASPECT_SLACK and image_aspect > ASPECT_SLACK)
-    if "aspect" not in allow and flipped:
-        raise DatasetError(
-            f"{where}: the feature map is {features.shape[1]}x{features.shape[2]} (h x w) but its image is "
-            f"{size[0]}x{size[1]} (H x W): the map is transposed, or belongs to another image. Save maps as (C, h, w), "
-            "or score anyway with --allow aspect."
-        )
-
-
-class FeatureStore:
-    """Loads, checks and keeps the most recently used feature maps and prepared targets of one scoring run.
-
-    `load(image) -> (C, h, w)`; `where(image)` names the map's file in errors; targets are prepared for the
-    exact matcher on `device`; `allow` switches off `SANITY_CHECKS`.
-    """
-
-    def __init__(self, load: Callable[[ImageRecord], torch.Tensor], protocol: Protocol,
-                 device: torch.device | str = "cpu", capacity: int = FEATURE_LRU_IMAGES,
-                 where: Callable[[ImageRecord], str] | None = None, allow: Collection[str] = ()):
-        self._load = load
-        self._where = where or (lambda image: f"features of {image.key}")
-        self.allow = tuple(allow)
-        self.protocol = protocol
-        self.device = torch.device(device)
-        self.features = lru_cache(maxsize=capacity)(self._features)
-        self.target = lru_cache(maxsize=capacity)(self._target)
-
-    def _features(self, image: ImageRecord) -> torch.Tensor:
-        features = self._load(image)
-        if self.protocol.frame == "square_pad" and features.shape[1] != features.shape[2]:
-            raise DatasetError(
-                f"features of {image.path.name} are {features.shape[1]}x{features.shape[2]} (h x w) but "
-                "--protocol geoaware needs maps of the zero-padded square image (h == w); extract them "
-                "from the padded image or use --protocol ditf"
-            )
-        check_map(features, self.protocol.frame_for(image).size, self._where(image), self.allow)
-        return features
-
-    def _target(self, image: ImageRecord) -> object:
-        return prepare_target(self.features(image), self.protocol.frame_for(image).size, device=self.device)
+__all__ = ["SANITY_CHECKS", "FeatureStore", "PairPrediction", "check_channels", "ensure_features", "predict_pair",
+           "predict_pairs", "score_pairs", "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -101,22 +48,20 @@ class PairPrediction:
     outcome: PairOutcome
 
 
-def predict_pair(pair: KeypointPair, store: FeatureStore, protocol: Protocol) -> PairPrediction:
-    """Match `pair`'s source keypoints into its target under `protocol` and measure the errors."""
-    src_feats = store.features(pair.source)
-    trg_feats = store.features(pair.target)
-    if src_feats.shape[0] != trg_feats.shape[0]:
-        raise DatasetError(
-            f"pair {pair.name}: source features have {src_feats.shape[0]} channels but target features have "
-            f"{trg_feats.shape[0]}; extract every image with the same model and settings"
-        )
+AnyStore = Union[FeatureStore, FusedFeatureStore]
+
+
+def predict_pair(pair: KeypointPair, store: AnyStore, protocol: Protocol) -> PairPrediction:
+    """Match `pair`'s source keypoints into its target under `protocol` and measure the errors; `store` gives
+    the pair's maps (one source's, or fused with DINOv2)."""
+    src_feats, trg_feats = store.pair_features(pair)
     src_frame = protocol.frame_for(pair.source)
     trg_frame = protocol.frame_for(pair.target)
     src_points = src_frame.to_frame(pair.source_points)
     if protocol.matcher == "upsampled":
         pixels = _floor_inside(src_points, src_frame.size)
         vectors = upsampled_vectors(src_feats, src_frame.size, torch.from_numpy(pixels))
-        predicted = match_prepared(vectors, store.target(pair.target)).cpu().numpy().astype(np.float64)
+        predicted = match_prepared(vectors, store.prepared_target(pair, trg_feats)).cpu().numpy().astype(np.float64)
     else:
         predicted = _patch_predictions(src_feats, trg_feats, src_points, src_frame, trg_frame)
 
@@ -174,13 +119,26 @@ def _load_file(paths: dict[str, Path], image: ImageRecord) -> torch.Tensor:
     return load_features(paths[image.key])[0]
 
 
-def _predict_chunk(pairs: list[KeypointPair], paths: dict[str, Path], protocol: Protocol,
-                   allow: Collection[str]) -> dict[str, PairPrediction]:
-    """A worker's share: its pairs' predictions, reading maps from their files, on one CPU thread."""
+def _file_store(paths: dict[str, Path], protocol: Protocol, allow: Collection[str]) -> FeatureStore:
+    return FeatureStore(lambda image: _load_file(paths, image), protocol, where=lambda image: str(paths[image.key]),
+                        allow=allow)
+
+
+def _predict_chunk(pairs: list[KeypointPair], paths: dict[str, Path], protocol: Protocol, allow: Collection[str],
+                   fusion: FusionSettings | None = None,
+                   fusion_paths: dict[str, Path] | None = None) -> dict[str, PairPrediction]:
+    """A worker's share: its pairs' predictions, reading maps from their files, on one CPU thread (the DINOv2
+    maps from `fusion_paths` too, fused with `fusion`, when given)."""
     torch.set_num_threads(1)
-    store = FeatureStore(lambda image: _load_file(paths, image), protocol, where=lambda image: str(paths[image.key]),
-                         allow=allow)
+    store: AnyStore = _file_store(paths, protocol, allow)
+    if fusion is not None and fusion_paths is not None:
+        store = FusedFeatureStore(store, _file_store(fusion_paths, protocol, allow), fusion)
     return {pair.name: predict_pair(pair, store, protocol) for pair in pairs}
+
+
+def _source_store(source: FeatureSource, protocol: Protocol, device: torch.device,
+                  allow: Collection[str]) -> FeatureStore:
+    return FeatureStore(source.load, protocol, device, where=lambda image: str(source.path_for(image)), allow=allow)
 
 
 def _chunks_by_target(pairs: list[KeypointPair], count: int) -> list[list[KeypointPair]]:
@@ -197,12 +155,13 @@ def _chunks_by_target(pairs: list[KeypointPair], count: int) -> list[list[Keypoi
 
 def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol: Protocol, *, workers: int = 1,
                   device: torch.device | str = "cpu", threads: int | None = None, allow: Collection[str] = (),
-                  progress: bool = True) -> dict[str, PairPrediction]:
+                  fusion: Fusion | None = None, progress: bool = True) -> dict[str, PairPrediction]:
     """Every pair's prediction, by pair name, in dataset order.
 
     `workers` > 1 spreads pairs over that many single-threaded processes reading the maps from their files
     (CPU only); otherwise pairs are matched here, on `device`, with `threads` torch threads (None: as set).
-    `allow` switches off `SANITY_CHECKS` of the maps.
+    `allow` switches off `SANITY_CHECKS` of the maps. With `fusion`, each pair is matched on its DiTF maps
+    fused with its DINOv2 maps from `fusion.source` (`ditf.features.fusion`).
     """
     unknown = sorted(set(allow) - set(SANITY_CHECKS))
     if unknown:
@@ -214,18 +173,23 @@ def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protoco
         raise InvalidArgumentError(f"workers={workers} spreads scoring over CPU processes; with device={device} use "
                                    "workers=1 (the GPU already runs the pairs in parallel).")
     if workers == 1:
-        store = FeatureStore(source.load, protocol, device, where=lambda image: str(source.path_for(image)), allow=allow)
+        store: AnyStore = _source_store(source, protocol, device, allow)
+        if fusion is not None:
+            store = FusedFeatureStore(store, _source_store(fusion.source, protocol, device, allow), fusion.settings)
         with torch_threads(threads):
             found = {pair.name: predict_pair(pair, store, protocol)
                      for pair in tqdm(dataset.pairs, desc="matching", disable=not progress)}
     else:
         paths = {image.key: source.path_for(image) for image in dataset.images()}
+        fusion_paths = None if fusion is None else {image.key: fusion.source.path_for(image)
+                                                    for image in dataset.images()}
         chunks = _chunks_by_target(list(dataset.pairs), 4 * workers)
         found = {}
         context = _worker_context()
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool, \
                 tqdm(total=len(dataset.pairs), desc=f"matching ({workers} workers)", disable=not progress) as bar:
-            futures = [pool.submit(_predict_chunk, chunk, paths, protocol, tuple(allow)) for chunk in chunks]
+            futures = [pool.submit(_predict_chunk, chunk, paths, protocol, tuple(allow),
+                                   fusion.settings if fusion else None, fusion_paths) for chunk in chunks]
             for future in as_completed(futures):
                 done = future.result()
                 found.update(done)
@@ -250,8 +214,9 @@ def check_channels(images: list[ImageRecord], source: FeatureSource) -> None:
             first = (image, channels)
         elif channels != first[1]:
             raise DatasetError(
-                f"features of {image.key} have {channels} channels but those of {first[0].key} have {first[1]}; "
-                "extract every image with the same model and settings"
+                f"features of {image.key} ({source.path_for(image)}) have {channels} channels but those of "
+                f"{first[0].key} ({source.path_for(first[0])}) have {first[1]}; extract every image with the same "
+                "model and settings (delete the odd file, or the cache entry, and extract it again)"
             )
 
 
@@ -274,18 +239,26 @@ def ensure_features(images: list[ImageRecord], source: FeatureSource, progress: 
 
 def score_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol: Protocol, *,
                 settings: dict | None = None, workers: int = 1, device: torch.device | str = "cpu",
-                threads: int | None = None, allow: Collection[str] = (), progress: bool = True) -> dict:
-    """Score `dataset` with features from `source` under `protocol` (extracting missing maps first).
+                threads: int | None = None, allow: Collection[str] = (), fusion: Fusion | None = None,
+                progress: bool = True) -> dict:
+    """Score `dataset` with features from `source` under `protocol` (extracting missing maps first), fused per
+    pair with the DINOv2 maps of `fusion` when given.
 
     Returns the results dictionary: `per_category` {category: {per_image, per_point, pairs,
     points}}, `all_per_image`, `all_per_point`, `mean_per_image`, `mean_per_point` (percent, at
-    the protocol's first alpha), `by_alpha` (the other alphas), `protocol` (the card), `settings`,
+    the protocol's first alpha), `by_alpha` (the other alphas), `protocol` (the card, with the fusion card
+    under "fusion"), `settings` (with the fusion parameters and DINOv2 source under "fusion"),
     `benchmark`, `ditf_version` and `pairs` {pair name: {category, pred_trg_kps (original target
     pixels), correct, total}}.
     """
     ensure_features(dataset.images(), source, progress)
+    if fusion is not None:
+        ensure_features(dataset.images(), fusion.source, progress)
+        first = dataset.images()[0]
+        check_fusion_dims(fusion.settings, source.inspect(first)[0], fusion.source.inspect(first)[0],
+                          str(source.path_for(first)), str(fusion.source.path_for(first)))
     predictions = predict_pairs(dataset, source, protocol, workers=workers, device=device, threads=threads,
-                                allow=allow, progress=progress)
+                                allow=allow, fusion=fusion, progress=progress)
     outcomes = [prediction.outcome for prediction in predictions.values()]
     main_alpha, other_alphas = protocol.alphas[0], protocol.alphas[1:]
     results = {"benchmark": dataset.describe(), "alpha": main_alpha}
@@ -294,6 +267,9 @@ def score_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protocol:
                            for alpha in other_alphas}
     results["protocol"] = protocol.card()
     results["settings"] = dict(settings or {})
+    if fusion is not None:
+        results["protocol"]["fusion"] = fusion.settings.card()
+        results["settings"]["fusion"] = fusion.describe()
     results["ditf_version"] = ditf_version()
     integer_frame = protocol.frame == "original"
     results["pairs"] = {

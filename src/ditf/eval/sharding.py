@@ -47,9 +47,15 @@ def extract_shard(dataset: CorrespondenceDataset, source: FeatureSource, shard: 
     Returns {"shard": "i/n", "images": this shard's count, "extracted": newly computed, "missing_in_dataset":
     images of the whole dataset still without features}.
     """
+    return extract_shard_of(dataset.images(), source, shard, progress)
+
+
+def extract_shard_of(images: list[ImageRecord], source: FeatureSource, shard: str | tuple[int, int],
+                     progress: bool = True) -> dict:
+    """`extract_shard` over a list of images (HPatches, ADE20K)."""
     index, count = parse_shard(shard)
-    mine = shard_images(dataset.images(), index, count)
+    mine = shard_images(images, index, count)
     computed = ensure_features(mine, source, progress)
-    still_missing = sum(not source.available(image) for image in dataset.images())
+    still_missing = sum(not source.available(image) for image in images)
     return {"shard": f"{index}/{count}", "images": len(mine), "extracted": computed,
             "missing_in_dataset": still_missing}

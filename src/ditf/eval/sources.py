@@ -65,29 +65,32 @@ class FeatureSource(Protocol):
 
 class FeatureFolder:
     """Precomputed maps in `root/<image group>/<image stem>.safetensors` (tensor `features`, (C, h, w)), or,
-    when the folder has no such subfolders, `root/<image stem>.safetensors` (what `ditf features -o root` writes
-    for images of one folder).
+    with `flat` and when the folder has no such subfolders, `root/<image stem>.safetensors` (what
+    `ditf features -o root` writes for images of one folder).
 
-    The group is the SPair category, the PF-Pascal class or the AP-10K species of the image.
+    The group is the SPair category, the PF-Pascal class, the AP-10K species, the HPatches sequence or the
+    ADE20K split of the image; `group` names it in messages.
     """
 
     can_compute = False
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, group: str = "category", flat: bool = True):
         self.root = Path(root)
-        self.missing_hint = (f"write them as {self.root}/<category>/<image stem>.safetensors (tensor '{FEATURES_KEY}'), "
+        self.flat = flat
+        layout = f"<{group}>/<image stem>.safetensors"
+        self.missing_hint = (f"write them as {self.root}/{layout} (tensor '{FEATURES_KEY}', (C, h, w)), "
                              "e.g. with `ditf features <images> -o DIR`")
         if not self.root.is_dir():
             raise DatasetError(
-                f"features folder {self.root} does not exist; pass the folder that holds "
-                "<category>/<image stem>.safetensors files as --features"
+                f"features folder {self.root} does not exist; pass the folder that holds {layout} files as --features"
             )
 
     def path_for(self, image: ImageRecord) -> Path:
-        """The file expected to hold `image`'s features: in its group's subfolder, else directly in the root."""
+        """The file expected to hold `image`'s features: in its group's subfolder, else (with `flat`) directly in
+        the root."""
         grouped = self.root / image.group / f"{image.stem}.safetensors"
         flat = self.root / f"{image.stem}.safetensors"
-        return flat if not grouped.parent.is_dir() and flat.is_file() else grouped
+        return flat if self.flat and not grouped.parent.is_dir() and flat.is_file() else grouped
 
     def available(self, image: ImageRecord) -> bool:
         """True if the feature file exists."""
