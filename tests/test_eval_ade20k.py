@@ -77,7 +77,8 @@ def test_probe_trains_on_cached_features_read_one_batch_at_a_time(tmp_path, monk
     assert results["scores"]["mIoU"] >= 95
     assert extractor.features.calls == 12  # each of the 8 + 4 images extracted once ...
     assert len(reads) >= 40 * 4  # ... and read back from the cache for every step's batch
-    assert results["features"] == {"source": "extractor", "extractor": "prototypes", "prompt_mode": "empty"}
+    assert results["features"] == {"source": "extractor", "extractor": "prototypes", "stored_as": "as extracted",
+                                   "prompt_mode": "empty"}
     assert results["training"]["settings"]["head"] == "linear"
     assert (tmp_path / "run" / "train" / "loss_curve.png").is_file()
     assert strict_json(tmp_path / "run" / "results.json")["scores"]["mIoU"] >= 95

@@ -210,7 +210,8 @@ def test_the_model_is_loaded_lazily_up_to_the_block_with_the_variant_settings(da
     source.load(dataset.images()[0])
     source.load(dataset.images()[1])
     assert fake_featurizer.loads == [("ditf-tests/tiny-model", {"torch_dtype": torch.float32, "device": "cpu", "block": 3,
-                                                     "offload": None, "config": None, "variant": None})]
+                                                     "offload": None, "config": None, "variant": None,
+                                                     "revision": None})]
     settings = fake_featurizer.calls[0]["settings"]
     assert settings.prompt == "a photo of a aeroplane"
     assert (settings.normalize, settings.modulate, settings.discard, settings.variant) == (False, False, None, "raw")

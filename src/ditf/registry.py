@@ -277,8 +277,8 @@ def write_preset(path: str | os.PathLike[str], name: str, **fields: Any) -> Path
     data = _read_toml(path) if path.is_file() else {}
     presets = data.setdefault("presets", {})
     presets[name] = {**presets.get(name, {}), **{k: v for k, v in fields.items() if v is not None}}
+    _preset_from_table(path, name, presets[name])  # refuse a preset that could not be read back, before writing
     write_text_atomic(path, _toml(data))
-    read_preset_file(path)
     return path
 
 

@@ -271,6 +271,11 @@ def _timestep(t: Any) -> float:
     return float(t)
 
 
+def default_dtype(device: str) -> str:
+    """The dtype ditf runs a model in when none is given: bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if str(device).startswith("cuda") else "fp32"
+
+
 def torch_dtype(name: str | None, device: str = "cpu") -> Any:
     """The torch dtype of a dtype name ("fp32", "bf16", "fp16"); None gives bf16 on CUDA and fp32 elsewhere."""
     import torch

@@ -27,7 +27,7 @@ from ditf.errors import DitfError, InvalidArgumentError, UnknownModelError
 from ditf.features.featurizer import DiTFeaturizer, FeatureResult
 from ditf.matching.correspondence import UpsampledTarget, prepare_target
 from ditf.registry import preset_for
-from ditf.settings import VARIANTS, FeatureSettings, dtype_name, resolve_settings, torch_dtype
+from ditf.settings import VARIANTS, FeatureSettings, default_dtype, resolve_settings
 
 MAX_ENSEMBLE = 64
 """Most noise draws a page may ask for (DiTF uses 8): a shared server should not run a 1000-member ensemble."""
@@ -87,7 +87,7 @@ class ModelLoader:
         from ditf.eval.extractors import default_device
 
         self.device = device or default_device()
-        self.dtype = dtype or dtype_name(torch_dtype(None, self.device))
+        self.dtype = dtype or default_dtype(self.device)
         self.config, self.weights_variant, self.offload = config, weights_variant, offload
 
     def identity(self, model: str) -> str:
@@ -99,12 +99,10 @@ class ModelLoader:
     def load(self, model: str, block: int) -> DiTFeaturizer:
         """`model` checked (`ditf.loading.check_model`) and loaded with blocks 0..`block` (all for a negative
         block)."""
-        from ditf.loading import check_model
+        from ditf.features.featurizer import load_featurizer
 
-        check_model(model, needs=("transformer", "vae"), config=self.config)
-        return DiTFeaturizer.from_pretrained(model, torch_dtype=torch_dtype(self.dtype, self.device),
-                                             device=self.device, block=block if block >= 0 else None,
-                                             offload=self.offload, config=self.config, variant=self.weights_variant)
+        return load_featurizer(model, device=self.device, dtype=self.dtype, block=block if block >= 0 else None,
+                               offload=self.offload, config=self.config, variant=self.weights_variant)
 
 
 class FeatureStore:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ditf.errors import InvalidArgumentError
-from ditf.settings import DTYPES, VAE_SAMPLES, VARIANTS, FeatureSettings, resolve_settings
+from ditf.settings import DTYPES, VAE_SAMPLES, VARIANTS, FeatureSettings, default_dtype, resolve_settings
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -138,7 +138,8 @@ def resolve_cli_settings(args: argparse.Namespace, task: str | None = None, **fi
     if max_batch is not None and max_batch < 1:
         raise InvalidArgumentError(f"--max-batch {max_batch}: give at least 1 ensemble member per forward pass "
                                    "(leave it out to run all members at once).")
-    return resolve_settings(preset_for(args.model), task=task, model=args.model, dtype=args.dtype,
+    dtype = args.dtype or default_dtype(device_of(args))
+    return resolve_settings(preset_for(args.model), task=task, model=args.model, dtype=dtype,
                             **{**settings_overrides(args), **fixed})
 
 
@@ -160,7 +161,7 @@ def device_of(args: argparse.Namespace) -> str:
     from ditf.eval.extractors import default_device
     from ditf.features.featurizer import check_device
 
-    if args.device is None:
+    if getattr(args, "device", None) is None:
         return default_device()
     check_device(args.device, "device")
     return args.device
@@ -168,14 +169,12 @@ def device_of(args: argparse.Namespace) -> str:
 
 def load_featurizer(args: argparse.Namespace, settings: FeatureSettings) -> Any:
     """The `DiTFeaturizer` of --model, loaded only up to the settings' block, on --device (or offloaded)."""
-    from ditf.features.featurizer import DiTFeaturizer
-    from ditf.settings import torch_dtype
+    from ditf.features import featurizer
 
-    device = device_of(args)
     quiet_loading()
-    return DiTFeaturizer.from_pretrained(args.model, torch_dtype=torch_dtype(settings.dtype, device), device=device,
-                                         block=settings.load_up_to, offload=args.offload,
-                                         config=args.config, variant=args.weights_variant)
+    return featurizer.load_featurizer(args.model, device=device_of(args), dtype=settings.dtype,
+                                      block=settings.load_up_to, offload=args.offload, config=args.config,
+                                      variant=args.weights_variant)
 
 
 def check_exclusive(args: argparse.Namespace, needed: str, **options: str) -> None:

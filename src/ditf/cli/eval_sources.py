@@ -14,7 +14,6 @@ from ditf.cli.common import device_of, quiet_loading, resolve_cli_settings, sett
 from ditf.errors import InvalidArgumentError
 from ditf.settings import DTYPES
 
-CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def add_source_args(parser: argparse.ArgumentParser, layout: str) -> None:
@@ -26,6 +25,15 @@ def add_source_args(parser: argparse.ArgumentParser, layout: str) -> None:
     source.add_argument("--cache-dtype", choices=list(DTYPES), help="store cached maps in this dtype")
     source.add_argument("--shard", help="i/n (0 <= i < n) or 'auto' (RANK/WORLD_SIZE): only fill the cache for this share")
     source.add_argument("--cache-only", action="store_true", help="score from the cache; never run the model")
+
+
+def refuse_prompt(args: argparse.Namespace) -> None:
+    """A benchmark chooses each image's prompt itself (--prompt-mode where there is a choice): --prompt would be
+    recorded but not used, so it is refused."""
+    if getattr(args, "prompt", None) is not None:
+        choice = "--prompt-mode (class, empty or caption)" if hasattr(args, "prompt_mode") else "the empty prompt"
+        raise InvalidArgumentError(f"--prompt {args.prompt!r}: this benchmark prompts each image by {choice}; "
+                                   "drop --prompt.")
 
 
 def source_options(args: argparse.Namespace, *, task: str,
@@ -48,7 +56,7 @@ def source_options(args: argparse.Namespace, *, task: str,
         )
     fuse = getattr(args, "fuse", None)
     cache = dict(cache_dir=args.cache, cache_only=args.cache_only, shard=args.shard,
-                 cache_dtype=CACHE_DTYPES.get(args.cache_dtype))
+                 cache_dtype=DTYPES.get(args.cache_dtype))
     if hasattr(args, "prompt_mode"):
         cache.update(prompt_mode=args.prompt_mode, captions=args.captions)
     if args.features is not None:
@@ -67,6 +75,11 @@ def source_options(args: argparse.Namespace, *, task: str,
     quiet_loading()
     if args.baseline is not None:
         from ditf.baselines import BaselineExtractor
+
+        given = [f"--{name.replace('_', '-')}" for name in settings_overrides(args)]
+        if given:
+            raise InvalidArgumentError(f"{', '.join(given)} set DiTF features, but --baseline {args.baseline} has its "
+                                       "own published settings; drop them (or use --model).")
         from ditf.settings import torch_dtype
 
         device = device_of(args)
@@ -75,6 +88,7 @@ def source_options(args: argparse.Namespace, *, task: str,
                 **cache}
     from ditf.eval.extractors import DiTFExtractor
 
+    refuse_prompt(args)
     settings = settings_for(args) if settings_for is not None else resolve_cli_settings(args, task=task)
     extractor = DiTFExtractor(args.model, settings, task=task, device=device_of(args), offload=args.offload,
                               config=args.config, variant_files=args.weights_variant)

@@ -16,7 +16,8 @@ from ditf.cli.common import (
     quiet_loading,
     resolve_cli_settings,
 )
-from ditf.cli.outputs import check_output_folder
+from ditf.cli.outputs import check_output_file, check_output_folder
+from ditf.errors import InvalidArgumentError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,10 +61,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     from ditf.eval.extractors import DiTFExtractor, default_cache_dir
     from ditf.eval.sweep import parse_blocks, parse_timesteps, subset_pairs, sweep
 
+    from ditf.cli.eval_sources import refuse_prompt
+
     blocks, timesteps = parse_blocks(args.blocks), parse_timesteps(args.timesteps)
+    refuse_prompt(args)
     quiet_loading()
     output = check_output_folder(args.output, "--output")
     settings = resolve_cli_settings(args, task=args.benchmark, block=blocks[-1], t=timesteps[0])
+    check_write_preset(args, settings)
     extractor = DiTFExtractor(args.model, settings.replace(block=tuple(blocks) if len(blocks) > 1 else blocks[0]),
                               task=args.benchmark, device=device_of(args), offload=args.offload, config=args.config,
                               variant_files=args.weights_variant)
@@ -94,9 +99,34 @@ def write_sweep_preset(args: argparse.Namespace, settings, results: dict) -> Pat
                   "seed": args.pair_seed, "date": datetime.date.today().isoformat(), "ditf_version": ditf_version(),
                   "best_pck_per_point": round(best["per_point"], 4), "best_pck_per_image": round(best["per_image"], 4),
                   "blocks": results["blocks"], "timesteps": results["t"]}
-    model = args.model if not Path(args.model).expanduser().exists() else str(Path(args.model).expanduser().resolve())
-    return write_preset(args.write_preset, args.model, model=model, block=best["block"], t=best["t"],
+    return write_preset(args.write_preset, args.model, model=preset_model(args.model), block=best["block"], t=best["t"],
                         resolution=settings.resolution, ensemble=settings.ensemble, verified=True, provenance=provenance)
+
+
+def preset_model(model: str) -> str | None:
+    """What a user preset named `model` records as its model: nothing for a built-in alias (it keeps its hub id),
+    the resolved path of a local model, else the hub id itself."""
+    from ditf.registry import PRESETS
+
+    if model in PRESETS:
+        return None
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def check_write_preset(args: argparse.Namespace, settings) -> None:
+    """Before the sweep: the preset file can be written and read, and the settings have what a preset needs."""
+    from ditf.registry import read_preset_file
+
+    if args.write_preset is None:
+        return
+    target = Path(args.write_preset)
+    check_output_file(target, "--write-preset", (".toml",))
+    if target.is_file():
+        read_preset_file(target)
+    if settings.resolution is None:
+        raise InvalidArgumentError("--write-preset: a preset keeps a --resolution (the long image side); sweep with "
+                                   "--resolution instead of --size.")
 
 
 def _load(args: argparse.Namespace):

@@ -104,7 +104,7 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
             summary["missing_in_dataset"] += extra["missing_in_dataset"]
         return summary
     results = score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers,
-                          device=device if device is not None else _scoring_device(extractor), allow=allow,
+                          device=device if device is not None else _scoring_device(extractor, workers), allow=allow,
                           fusion=fused, progress=progress)
     return {**results, **settings_sources(extractor)}
 
@@ -155,10 +155,11 @@ def settings_sources(extractor: Extractor | None) -> dict[str, Any]:
     return {"settings_sources": dict(sources)} if sources else {}
 
 
-def _scoring_device(extractor: Extractor | None) -> str:
-    """Where the exact matcher runs by default: the extractor's GPU when it has one, else the CPU."""
+def _scoring_device(extractor: Extractor | None, workers: int = 1) -> str:
+    """Where the exact matcher runs by default: the extractor's GPU when it has one (and the pairs are not spread
+    over CPU worker processes), else the CPU."""
     device = str(getattr(extractor, "device", "cpu"))
-    return device if device.startswith("cuda") else "cpu"
+    return device if device.startswith("cuda") and workers == 1 else "cpu"
 
 
 def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extractor: Extractor | None = None,

@@ -22,7 +22,6 @@ from ditf.errors import DatasetError, InvalidArgumentError
 from ditf.features.io import FEATURES_KEY, load_features, read_feature_header, save_features
 
 CACHE_FORMAT = "ditf-feature-cache-1"
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CorruptCacheEntryWarning(UserWarning):
@@ -79,12 +78,13 @@ class FeatureCache:
             return None
         try:
             features, header = load_features(path)
+            if "tensor_sha256" not in header.metadata:
+                raise DatasetError(f"{path} has no checksum")
         except DatasetError as err:
-            warnings.warn(f"feature cache entry {err}; it will be recomputed", CorruptCacheEntryWarning, stacklevel=2)
-            return None
-        if "tensor_sha256" not in header.metadata:
-            warnings.warn(f"feature cache entry {path} has no checksum; it will be recomputed", CorruptCacheEntryWarning,
+            warnings.warn(f"corrupt feature cache entry deleted, it will be recomputed: {err}", CorruptCacheEntryWarning,
                           stacklevel=2)
+            with self.lock(key):  # nobody is writing it while it goes: a later `contains` says it is missing
+                path.unlink(missing_ok=True)
             return None
         return features
 
@@ -95,7 +95,7 @@ class FeatureCache:
 
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(path.with_name(f".{key}.lock")))
+        return FileLock(str(path.with_name(f".{key}.lock")), is_singleton=True)  # re-entrant: `load` runs inside it
 
     def store(self, key: str, features: torch.Tensor, settings: Mapping | None = None,
               metadata: Mapping[str, str] | None = None) -> torch.Tensor:
@@ -103,5 +103,5 @@ class FeatureCache:
         return save_features(self.path_for(key), features, settings=settings, metadata=metadata, dtype=self.storage_dtype)
 
 
-__all__ = ["CACHE_FORMAT", "FEATURES_KEY", "STORAGE_DTYPES", "CorruptCacheEntryWarning", "FeatureCache", "cache_key",
+__all__ = ["CACHE_FORMAT", "FEATURES_KEY", "CorruptCacheEntryWarning", "FeatureCache", "cache_key",
            "file_sha256"]

@@ -24,7 +24,7 @@ from ditf.fingerprint import model_identity
 from ditf.eval.sources import Extractor
 from ditf.features.preprocess import ImageInput, load_image
 from ditf.registry import preset_for
-from ditf.settings import VARIANTS, FeatureSettings, dtype_name, resolve_settings, task_protocol, torch_dtype
+from ditf.settings import VARIANTS, FeatureSettings, default_dtype, dtype_name, resolve_settings, task_protocol
 
 if TYPE_CHECKING:
     from ditf.features.featurizer import DiTFeaturizer
@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 def default_device() -> str:
     """cuda:<LOCAL_RANK> when CUDA is available (one GPU per process under torchrun / accelerate), else cpu."""
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        rank = os.environ.get("LOCAL_RANK", "0")
+        if not rank.strip().isdigit():
+            raise InvalidArgumentError(f"$LOCAL_RANK is {rank!r}, not a whole number; unset it or pass a device.")
+        return f"cuda:{int(rank)}"
     return "cpu"
 
 
@@ -67,7 +70,7 @@ class DiTFExtractor:
             self._handle: dict[str, DiTFeaturizer | None] = {"featurizer": None}
             self.model, preset = model, preset_for(model)
             self.device = device or default_device()
-            dtype = dtype or dtype_name(torch_dtype(None, self.device))
+            dtype = dtype or default_dtype(self.device)
         else:
             self._handle = {"featurizer": model}
             self.model, preset = model.model, model.preset
@@ -87,11 +90,10 @@ class DiTFExtractor:
         """The loaded featurizer (loaded now, with only the blocks up to the settings' block, if it was not yet);
         extractors made with `with_settings` share it."""
         if self._handle["featurizer"] is None:
-            from ditf.features.featurizer import DiTFeaturizer
+            from ditf.features.featurizer import load_featurizer
 
-            self._handle["featurizer"] = DiTFeaturizer.from_pretrained(
-                self.model, torch_dtype=torch_dtype(self.settings.dtype, self.device), device=self.device,
-                **self._load)
+            self._handle["featurizer"] = load_featurizer(self.model, device=self.device, dtype=self.settings.dtype,
+                                                         **self._load)
         return self._handle["featurizer"]
 
     def with_settings(self, **changes: Any) -> DiTFExtractor:

@@ -20,7 +20,7 @@ def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
     if isinstance(text, tuple):
         index, count = text
     elif text == "auto":
-        index, count = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        index, count = _environment_int("RANK", 0), _environment_int("WORLD_SIZE", 1)
     else:
         head, sep, tail = str(text).partition("/")
         try:
@@ -32,6 +32,14 @@ def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise InvalidArgumentError(f"shard must be i/n with 0 <= i < n (e.g. 0/4), or 'auto'; got {text!r}")
     return index, count
+
+
+def _environment_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit():
+        raise InvalidArgumentError(f"shard 'auto' reads ${name}, which is {value!r}, not a whole number; set it (torchrun "
+                                   "and accelerate launch do) or pass --shard i/n.")
+    return int(value)
 
 
 def shard_images(images: list[ImageRecord], index: int, count: int) -> list[ImageRecord]:

@@ -128,7 +128,8 @@ class CachedExtractor:
     ):
         self.extractor = extractor
         self.cache = FeatureCache(cache_dir, storage_dtype)
-        self.settings = dict(extractor.describe())
+        self.settings = {**extractor.describe(),
+                         "stored_as": str(storage_dtype).removeprefix("torch.") if storage_dtype else "as extracted"}
         self.prompts = prompts or PromptPolicy("empty")
         self.can_compute = not cache_only
         self.missing_hint = (f"run the extraction for every --shard i/n (same settings, cache {self.cache.root}) "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,7 +20,15 @@ from ditf.errors import InvalidArgumentError
 from ditf.features.postprocess import ditf_features
 from ditf.features.preprocess import ImageInput, PreparedImage, prepare_image
 from ditf.registry import Preset
-from ditf.settings import SETTING_NAMES, FeatureSettings, check_setting_names, dtype_name, resolve_settings
+from ditf.settings import (
+    SETTING_NAMES,
+    FeatureSettings,
+    check_setting_names,
+    default_dtype,
+    dtype_name,
+    resolve_settings,
+    torch_dtype,
+)
 from ditf.taps import run_until, tap_blocks
 
 Offload = Literal["model", "sequential"]
@@ -264,21 +273,16 @@ class DiTFeaturizer:
         mean of the block input, discard, LayerNorm, modulation. `seed` makes each image's noise depend only on
         the seed and the image (not on its place in the list); `generator` (CPU) overrides it.
         """
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        fields, extra = self._split_options(options)
-        if prompt is not None:
-            fields["prompt"] = prompt
-        resolved = self.settings(settings, **fields)
-        cond = self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        resolved, cond = self._call_settings(prompt, settings, prompt_embeds, pooled_prompt_embeds, options)
         bar = dict(unit="image", disable=not progress or len(images) < 2)
-        # All images through the VAE first, then all through the transformer: under offload="model" each model
-        # moves to the device once per call.
-        latents = [self.noisy_latents(image, resolved, generator=generator) for image in tqdm(images, desc="encoding", **bar)]
-        features = [_maps(self._features(one.clean, one.noise, resolved, cond, max_batch, return_parts=False))
+        with self._offloaded_call():
+            # All images through the VAE first, then all through the transformer: under offload="model" each
+            # model moves to the device once per call.
+            latents = [self.noisy_latents(image, resolved, generator=generator)
+                       for image in tqdm(images, desc="encoding", **bar)]
+            return [_maps(self._features(one.clean, one.noise, resolved, cond, max_batch, return_parts=False))
                     for one in tqdm(latents, desc="DiTF features", **bar)]
-        self._activate(None)
-        return features
 
     def extract(self, image: ImageInput, prompt: str | int | None = None, *, settings: FeatureSettings | None = None,
                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
@@ -287,15 +291,10 @@ class DiTFeaturizer:
         """DiTF features of one image with everything that describes them (`FeatureResult`: the map, the
         discarded channels, the settings; with `return_parts` the raw block input and its AdaLN vectors); with
         several blocks, {block: FeatureResult} from one forward pass."""
-        fields, extra = self._split_options(options)
-        if prompt is not None:
-            fields["prompt"] = prompt
-        resolved = self.settings(settings, **fields)
-        cond = self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
-        latents = self.noisy_latents(image, resolved, generator=generator)
-        result = self._features(latents.clean, latents.noise, resolved, cond, max_batch, return_parts)
-        self._activate(None)
-        return result
+        resolved, cond = self._call_settings(prompt, settings, prompt_embeds, pooled_prompt_embeds, options)
+        with self._offloaded_call():
+            latents = self.noisy_latents(image, resolved, generator=generator)
+            return self._features(latents.clean, latents.noise, resolved, cond, max_batch, return_parts)
 
     def noisy_latents(self, image: ImageInput, settings: FeatureSettings, *,
                       generator: torch.Generator | None = None) -> NoisyLatents:
@@ -349,24 +348,37 @@ class DiTFeaturizer:
         `noise`, `settings.ensemble` draws come from `generator` (CPU). The transformer runs only up to block
         `block`, batched `max_batch` ensemble members at a time (default: all).
         """
-        fields, extra = self._split_options(options)
-        if prompt is not None:
-            fields["prompt"] = prompt
-        if noise is not None and settings is None:
-            fields.setdefault("ensemble", noise.shape[0])
-        resolved = self.settings(settings, **fields)
+        if noise is not None and settings is None and "ensemble" not in options:
+            options = {**options, "ensemble": noise.shape[0]}
+        resolved, cond = self._call_settings(prompt, settings, prompt_embeds, pooled_prompt_embeds, options)
         if noise is not None and noise.shape[0] != resolved.ensemble:
             raise InvalidArgumentError(
                 f"noise holds {noise.shape[0]} draws but ensemble={resolved.ensemble}; pass one noise draw per member."
             )
-        cond = self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
         if latents.ndim != 4:
             raise InvalidArgumentError(f"latents must be (1 or E, c, H, W); got shape {tuple(latents.shape)}.")
         if noise is None:
             noise = torch.randn((resolved.ensemble, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-        result = self._features(latents, noise, resolved, cond, max_batch, return_parts)
-        self._activate(None)
-        return result
+        with self._offloaded_call():
+            return self._features(latents, noise, resolved, cond, max_batch, return_parts)
+
+    def _call_settings(self, prompt: str | int | None, settings: FeatureSettings | None,
+                       prompt_embeds: torch.Tensor | None, pooled_prompt_embeds: torch.Tensor | None,
+                       options: Mapping[str, Any]) -> tuple[FeatureSettings, Conditioning]:
+        """A public call's keywords -> (its complete settings, what the transformer is conditioned on)."""
+        fields, extra = self._split_options(options)
+        if prompt is not None:
+            fields["prompt"] = prompt
+        resolved = self.settings(settings, **fields)
+        return resolved, self.conditioning(resolved.prompt, prompt_embeds, pooled_prompt_embeds, **extra)
+
+    @contextmanager
+    def _offloaded_call(self) -> Iterator[None]:
+        """Under `offload="model"`, every model goes back to the CPU when the block ends, even on an error."""
+        try:
+            yield
+        finally:
+            self._activate(None)
 
     def _features(self, latents: torch.Tensor, noise: torch.Tensor, settings: FeatureSettings, cond: Conditioning,
                   max_batch: int | None, return_parts: bool) -> FeatureResult | dict[int, FeatureResult]:
@@ -469,6 +481,24 @@ class DiTFeaturizer:
                     f"{limit}; the rest is cut off. Shorten the prompt.",
                     stacklevel=3,
                 )
+
+
+def load_featurizer(model: str, *, device: str, dtype: str | None = None, block: int | None = None,
+                    offload: Offload | None = None, config: str | None = None,
+                    variant: str | None = None) -> DiTFeaturizer:
+    """The one way ditf loads a model for features: `model` checked first (`ditf.loading.check_model`: every
+    component there and readable), its weights in `dtype` ("fp32", "bf16", "fp16"; default bf16 on CUDA, fp32
+    elsewhere), only blocks 0..`block` (all when None), a hub model at the commit its identity names (the commit
+    the feature caches are keyed by), on `device` or offloaded."""
+    from ditf.fingerprint import model_identity
+    from ditf.loading import check_model
+
+    check_model(model, needs=("transformer", "vae"), config=config)
+    identity = model_identity(model, config=config)
+    revision = identity.get("revision") if identity["kind"] == "hub" else None
+    return DiTFeaturizer.from_pretrained(model, torch_dtype=torch_dtype(dtype or default_dtype(device), device),
+                                         device=device, block=block, offload=offload, config=config,
+                                         variant=variant, revision=revision)
 
 
 def _maps(result: FeatureResult | dict[int, FeatureResult]) -> torch.Tensor | dict[int, torch.Tensor]:

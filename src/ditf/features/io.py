@@ -35,10 +35,19 @@ class FeatureHeader:
     dtype: str
     metadata: dict[str, str]
 
+    path: str = ""
+
     @property
     def settings(self) -> dict[str, Any]:
-        """The settings recorded with the map (empty when the file has none)."""
-        return json.loads(self.metadata.get("settings", "{}"))
+        """The settings recorded with the map (empty when the file has none); DatasetError when they are unreadable."""
+        try:
+            settings = json.loads(self.metadata.get("settings", "{}"))
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{self.path}: its recorded settings are not JSON ({err.msg}); delete the file to "
+                               "recompute it.") from err
+        if not isinstance(settings, dict):
+            raise DatasetError(f"{self.path}: its recorded settings are not a JSON object; delete the file to recompute it.")
+        return settings
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -83,7 +92,7 @@ def read_feature_header(path: str | Path) -> FeatureHeader:
         raise DatasetError(_shape_message(str(path), shape))
     if dtype not in FEATURE_DTYPES:
         raise DatasetError(_dtype_message(str(path), dtype))
-    return FeatureHeader(shape, dtype, metadata)
+    return FeatureHeader(shape, dtype, metadata, str(path))
 
 
 def load_features(path: str | Path) -> tuple[torch.Tensor, FeatureHeader]:
