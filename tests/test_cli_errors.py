@@ -407,8 +407,20 @@ def test_bad_input_gets_one_clear_message_and_no_output(world, capsys, argv_of, 
     assert leftovers == [], leftovers
 
 
-def test_there_are_at_least_sixty_rows():
-    assert len(ROWS) >= 60 and len({row[0] for row in ROWS}) == len(ROWS)
+def test_running_out_of_gpu_memory_names_the_flags_that_need_less(world, capsys, monkeypatch):
+    import torch
+
+    import ditf.features.featurizer as featurizer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(featurizer.DiTFeaturizer, "extract", out_of_memory)
+    code = main(["features", CAT1, "--model", str(world.model), "-o", str(world.out / "oom"), *SMALL])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert re.fullmatch(r"ditf: error: out of memory \(CUDA out of memory\. Tried .*--max-batch 1.*--offload model.*"
+                        r"--dtype bf16.*\n", captured.err), captured.err
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_partial_file(world, capsys, monkeypatch):

@@ -301,15 +301,34 @@ def test_a_model_is_keyed_by_its_files_not_by_how_its_path_is_spelt(flux_pipelin
 
     from ditf.fingerprint import model_identity
 
-    folder = Path(shutil.copytree(flux_pipeline_dir, tmp_path / "smoke"))
+    folder = Path(shutil.copytree(flux_pipeline_dir, tmp_path / ".smoke"))  # a hidden folder still has its files
     monkeypatch.chdir(tmp_path)
-    spellings = [model_identity(name) for name in ("smoke", "./smoke", str(folder), str(folder) + "/")]
+    spellings = [model_identity(name) for name in (".smoke", "./.smoke", str(folder), str(folder) + "/")]
     assert all(identity == spellings[0] for identity in spellings)
     weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = read(weights)
     write({name: tensor + 1 for name, tensor in tensors.items()}, weights)  # other weights, same names and shapes
-    assert model_identity("smoke") != spellings[0]
+    assert model_identity(".smoke") != spellings[0]
     assert model_identity("flux-dev") == {"kind": "hub", "repo": "black-forest-labs/FLUX.1-dev", "revision": None}
+
+
+def test_the_command_line_and_the_library_share_cache_entries_and_storage_dtypes_do_not(flux_pipeline_dir, tmp_path):
+    from ditf.cli import build_parser
+    from ditf.cli.eval_sources import source_options
+    from ditf.eval.api import feature_source
+
+    image = load_spair(REAL).images()[0]
+    args = build_parser().parse_args(["eval", "spair", "--root", str(REAL), "--model", str(flux_pipeline_dir),
+                                      "--cache", str(tmp_path), "--device", "cpu", "--block", "20", "--t", "261",
+                                      "--ensemble", "2"])
+    options = source_options(args, task="spair")
+    from_cli = feature_source(extractor=options["extractor"], cache_dir=tmp_path, prompt_mode="class")
+    library = DiTFExtractor(str(flux_pipeline_dir), task="spair", device="cpu", block=20, t=261,
+                            ensemble=2)  # dtype filled in as the CLI does
+    from_library = feature_source(extractor=library, cache_dir=tmp_path, prompt_mode="class")
+    assert from_cli.key_for(image) == from_library.key_for(image)
+    in_fp16 = feature_source(extractor=library, cache_dir=tmp_path, prompt_mode="class", cache_dtype="float16")
+    assert in_fp16.key_for(image) != from_library.key_for(image)
 
 
 def test_changed_weights_miss_the_cache(flux_pipeline_dir, tmp_path):
@@ -323,8 +342,9 @@ def test_changed_weights_miss_the_cache(flux_pipeline_dir, tmp_path):
     assert CachedExtractor(DiTFExtractor(str(folder), **settings), tmp_path / "cache").key_for(image) != before
 
 
-def test_two_processes_on_one_cache_compute_each_entry_once(dataset, tmp_path):
-    """The second asks for an entry while the first computes it: it waits for the lock, then reads the entry."""
+def test_two_workers_on_one_cache_compute_each_entry_once(dataset, tmp_path):
+    """The second (a thread here; the lock is a file lock, so processes too) asks for an entry while the first
+    computes it: it waits for the lock, then reads the entry."""
     import threading
     import time
 

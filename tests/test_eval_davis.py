@@ -330,11 +330,11 @@ def test_cli_davis_propagates_then_scores_with_a_tiny_flux(short_davis, flux_pip
     output = tmp_path / "davis_out"
     argv = ["eval", "davis", "--root", str(short_davis), "--model", str(flux_pipeline_dir), "--output", str(output)]
     model = ["--block", "21", "--t", "90", "--dtype", "fp32", "--device", "cpu", "--short-side", "64", "--quiet"]
-    assert main(argv + model) == 0
+    assert main(argv + model + ["--topk", "3"]) == 0
     assert len(list((output / "blackswan").glob("*.png"))) == 4
     scores = json.loads((output / "jf.json").read_text())
     assert list(scores["per_object"]) == ["blackswan_1"]
     assert scores["settings"]["block"] == 21 and scores["settings"]["t"] == 90
     assert scores["settings"]["prompt"] == "a photo of a image" and scores["settings"]["ensemble"] == 1
-    assert scores["settings"]["n_last_frames"] == PropagationSettings().n_last_frames
+    assert scores["settings"]["n_last_frames"] == PropagationSettings().n_last_frames and scores["settings"]["topk"] == 3
     assert scores["settings_sources"]["t"] == "given" and "eval_davis.sh" in scores["settings_sources"]["prompt"]

@@ -45,7 +45,7 @@ def test_import_ditf_loads_no_heavy_library():
                                      ["eval", "davis-score"], ["eval", "hpatches"], ["eval", "ade20k"],
                                      ["eval", "seg-score"], ["massive", "scan"], ["massive", "disrupt"],
                                      ["massive", "guide"], ["massive", "transport"], ["smoke-model"], ["pca"],
-                                     ["app"]])
+                                     ["app"], ["sweep", "spair"], ["presets"]])
 def test_help_imports_neither_torch_nor_diffusers(command):
     code = f"from ditf.cli import main\ntry:\n    main({command + ['--help']!r})\nexcept SystemExit:\n    pass"
     assert imported_after(code) == []

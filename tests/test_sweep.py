@@ -13,6 +13,7 @@ from ditf import resolve_settings
 from ditf.cli import main
 from ditf.errors import UnknownModelError
 from ditf.eval import DiTFExtractor
+from ditf.eval.api import evaluate_correspondence
 from ditf.eval.spair import load_spair
 from ditf.eval.sweep import parse_blocks, subset_pairs, sweep
 from ditf.registry import get_preset, preset_files, read_preset_file
@@ -42,9 +43,14 @@ def test_a_sweep_scores_every_block_and_timestep_and_keeps_the_best_as_a_preset(
         assert heatmap.size[0] > 300
     assert (tmp_path / "sweep" / "sweep_lines.png").is_file()
 
-    # each (image, block, t) is one cache entry: a later single-block evaluation reuses them
-    images = len(subset_pairs(load_spair(MINI), 4, 0).images())
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == images * 4 * 2
+    # each (image, block, t) is one cache entry: a later evaluation at the best setting extracts nothing
+    pairs = subset_pairs(load_spair(MINI), 4, 0)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(pairs.images()) * 4 * 2
+    at_best = DiTFExtractor(str(flux_pipeline_dir), task="spair", block=best["block"], t=best["t"], ensemble=1,
+                            resolution=64, dtype="fp32", device="cpu")
+    scores = evaluate_correspondence(pairs, extractor=at_best, cache_dir=tmp_path / "cache", cache_only=True,
+                                     progress=False)
+    assert scores["all_per_point"] == best["per_point"]
 
     # the preset round trip: written with its provenance, listed, and used by name
     (entry,) = read_preset_file(presets).values()

@@ -6,8 +6,9 @@ matplotlib load only when a model, an evaluation or a figure needs them.
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING, Any
+
+from ditf.lazy import lazy_exports
 
 _EXPORTS = {
     "DiTFeaturizer": "ditf.features.featurizer",
@@ -29,17 +30,12 @@ if TYPE_CHECKING:
     from ditf.settings import FeatureSettings, resolve_settings
 
 
+_exported, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         from ditf.versions import ditf_version
 
         return ditf_version()
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditf' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+    return _exported(name)

@@ -65,6 +65,8 @@ def transformer_class(folder: Path) -> type[nn.Module]:
 
 
 def not_a_dit(model: str, class_name: str | None, found: str | None = None) -> str:
+    """The error message for a model that is no supported DiT: what was `found` (default: its transformer class
+    `class_name`, or that it has no diffusers config), the supported classes, and what to pass instead."""
     if found is None:
         found = f"its transformer is {class_name}" if class_name else "it has neither model_index.json nor config.json"
     return (

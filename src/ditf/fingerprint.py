@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
+from ditf.model_files import safetensors_header
 from ditf.registry import all_presets
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -48,25 +48,24 @@ def files_fingerprint(path: Path) -> str:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for file in files:
-        if file.name.endswith(_SKIPPED_SUFFIXES) or any(part.startswith(".") for part in file.relative_to(root.parent).parts):
+        name = file.relative_to(root if root.is_dir() else root.parent)
+        if file.name.endswith(_SKIPPED_SUFFIXES) or any(part.startswith(".") for part in name.parts):
             continue
         stat = file.stat()
-        entry = {"name": str(file.relative_to(root if root.is_dir() else root.parent)), "size": stat.st_size,
+        entry = {"name": str(name), "size": stat.st_size,
                  "mtime_ns": stat.st_mtime_ns}
         if file.suffix == ".safetensors":
-            entry["header"] = _safetensors_header_sha256(file)
+            entry["header"] = hashlib.sha256(safetensors_header(file)[1]).hexdigest()
         digest.update(json.dumps(entry, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def _safetensors_header_sha256(file: Path) -> str:
-    """SHA-256 of a safetensors file's JSON header (its first 8 bytes give the header's length)."""
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return "truncated"
-        (length,) = struct.unpack("<Q", prefix)
-        return hashlib.sha256(handle.read(min(length, 100_000_000))).hexdigest()
+def hub_offline() -> bool:
+    """True when `HF_HUB_OFFLINE` is set now (huggingface_hub itself reads it only once, at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
 def hub_commit(repo: str, revision: str | None = None) -> str | None:
@@ -79,7 +78,7 @@ def hub_commit(repo: str, revision: str | None = None) -> str | None:
     refs = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / (revision or "main")
     if refs.is_file():
         return refs.read_text().strip()
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE:
+    if hub_offline():
         return None
     from huggingface_hub import model_info
     from huggingface_hub.errors import HfHubHTTPError

@@ -22,7 +22,17 @@ def _umask() -> int:
     return mask
 
 
-_HOST = socket.gethostname().replace(".", "-")
+def _writer_namespace() -> str:
+    """This host's name and PID namespace (containers sharing a host name and a folder have different PID
+    namespaces), made file-name safe: where a temporary file's PID means something."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        namespace = "0"
+    return f"{socket.gethostname()}-{namespace}".replace(".", "-")
+
+
+_HOST = _writer_namespace()
 
 
 def _temporary_name(target: Path) -> Path:

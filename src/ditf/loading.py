@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from ditf.arch import adapters
 from ditf.building import build_prefix, check_diffusers_version, diffusers_dtype, not_a_dit, transformer_class
 from ditf.errors import UnknownModelError
+from ditf.fingerprint import hub_offline
 from ditf.model_files import check_pipeline_folder, check_safetensors, read_json
 from ditf.registry import Preset, all_presets, preset_for
 from ditf.single_file import load_single_file, resolve_config
@@ -257,14 +257,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def hub_offline() -> bool:
-    """True when `HF_HUB_OFFLINE` is set now (huggingface_hub itself reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
-
-
 def download(hub_id: str, *, token: str | None = None, revision: str | None = None, variant: str | None = None) -> Path:
     """Local snapshot of a hub repository with the files loading needs, and errors that say what to do.
 
@@ -314,4 +306,4 @@ def download(hub_id: str, *, token: str | None = None, revision: str | None = No
 
 
 __all__ = ["LoadedComponents", "build_prefix", "check_diffusers_version", "download",
-           "hub_offline", "load_components", "load_folder", "load_pipeline", "load_transformer", "weight_files"]
+           "load_components", "load_folder", "load_pipeline", "load_transformer", "weight_files"]

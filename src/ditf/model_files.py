@@ -33,13 +33,20 @@ def read_json(path: Path, what: str) -> Any:
         raise UnknownModelError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}); {FIX}.") from err
 
 
-def check_safetensors(path: Path) -> None:
-    """Refuse a safetensors file whose header does not parse or whose data is shorter than the header says."""
+def safetensors_header(path: Path) -> tuple[int, bytes]:
+    """(length the file's first 8 bytes give, the JSON header bytes); length -1 and b"" when the file is shorter
+    than 8 bytes, b"" when the length does not fit in the file."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        header = handle.read(length) if 0 < length <= size - 8 else b""
+        return length, handle.read(length) if 0 < length <= size - 8 else b""
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header does not parse or whose data is shorter than the header says."""
+    size = path.stat().st_size
+    length, header = safetensors_header(path)
     try:
         entries = json.loads(header) if header else None
     except (json.JSONDecodeError, UnicodeDecodeError):

@@ -183,8 +183,23 @@ def all_presets() -> dict[str, Preset]:
     """Every preset by name: the built-in ones, overridden and extended by the user preset files in force."""
     merged = dict(PRESETS)
     for path in user_preset_files():
-        merged.update(read_preset_file(path))
+        merged.update(_read_preset_file_once(path))
     return merged
+
+
+_READ_FILES: dict[tuple[Path, bytes], dict[str, Preset]] = {}
+
+
+def _read_preset_file_once(path: Path) -> dict[str, Preset]:
+    """`read_preset_file`, parsed again only when the file's bytes change (every model lookup asks for the
+    presets, and a file can change within one modification-time tick)."""
+    try:
+        key = (path.resolve(), path.read_bytes())
+    except OSError:
+        return read_preset_file(path)  # reports the missing or unreadable file
+    if key not in _READ_FILES:
+        _READ_FILES[key] = read_preset_file(path)
+    return _READ_FILES[key]
 
 
 def get_preset(alias: str) -> Preset:

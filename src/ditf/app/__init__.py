@@ -8,8 +8,9 @@ event computes; `render`, `massive_profile`: pictures), so tests and benchmarks 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ditf.lazy import lazy_exports
 
 _EXPORTS = {
     "FeatureStore": "ditf.app.store",
@@ -36,13 +37,4 @@ if TYPE_CHECKING:
     from ditf.app.ui import build_app, launch
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditf.app' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

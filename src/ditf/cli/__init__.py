@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MEMORY_FIX = ("lower the memory a run needs: fewer ensemble members per forward pass (--max-batch 1), an offloaded "
+              "model (--offload model, or sequential for the least), half precision (--dtype bf16) or smaller images "
+              "(--resolution)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ditf` console script; returns the process exit code.
 
@@ -65,11 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
         print(f"ditf: error: {where}{err.strerror or err}; check the path and its permissions", file=sys.stderr)
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError, as is MPS's message
+        if not isinstance(err, MemoryError) and not _is_out_of_memory(err):
+            raise
+        first_line = str(err).splitlines()[0] if str(err) else "host RAM"
+        print(f"ditf: error: out of memory ({first_line}); {MEMORY_FIX}", file=sys.stderr)
     except ValueError as err:  # the libraries' own messages for unreadable files (JSON, safetensors, images)
         if not _is_file_error(err):
             raise
         print(f"ditf: error: {err}; the file is broken: replace it", file=sys.stderr)
     return 2
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
 
 
 def _is_file_error(err: ValueError) -> bool:

@@ -52,11 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     frames.add_argument("--short-side", type=int, help=f"frame short side in px (default: {DAVIS_PROTOCOL['short_side']})")
     frames.add_argument("--size-multiple", type=int,
                         help=f"long side floored to this multiple (default: {DAVIS_PROTOCOL['size_multiple']})")
-    frames.add_argument("--n-last-frames", type=int, default=DAVIS_PROTOCOL["n_last_frames"], help="previous frames used")
-    frames.add_argument("--neighborhood-radius", type=int, default=DAVIS_PROTOCOL["neighborhood_radius"],
-                        help="window radius in cells")
-    frames.add_argument("--topk", type=int, default=DAVIS_PROTOCOL["topk"], help="neighbours kept per cell")
-    frames.add_argument("--temperature", type=float, default=DAVIS_PROTOCOL["temperature"], help="softmax temperature")
+    frames.add_argument("--n-last-frames", type=int,
+                        help=f"previous frames used (default: {DAVIS_PROTOCOL['n_last_frames']})")
+    frames.add_argument("--neighborhood-radius", type=int,
+                        help=f"window radius in cells (default: {DAVIS_PROTOCOL['neighborhood_radius']})")
+    frames.add_argument("--topk", type=int, help=f"neighbours kept per cell (default: {DAVIS_PROTOCOL['topk']})")
+    frames.add_argument("--temperature", type=float,
+                        help=f"softmax temperature (default: {DAVIS_PROTOCOL['temperature']})")
     davis.set_defaults(func=run_propagate_and_score)
 
 
@@ -82,18 +84,17 @@ def run_propagate_and_score(args: argparse.Namespace) -> int:
     """Propagate with the DiT features of `--model`, write the results folder, then score it."""
     from ditf.eval.api import evaluate_davis
     from ditf.eval.extractors import DiTFExtractor
-    from ditf.matching.propagation import PropagationSettings
 
     check_output_folder(args.output, "--output")
     _check_outputs(args.scores, args.plot, "--scores")
-    propagation = PropagationSettings(args.n_last_frames, args.neighborhood_radius, args.topk, args.temperature)
     settings = resolve_cli_settings(args, task="davis")
     quiet_loading()
     extractor = DiTFExtractor(args.model, settings, task="davis", device=device_of(args), offload=args.offload,
                               config=args.config, variant_files=args.weights_variant)
     scores_path = args.scores or args.output / "jf.json"
     scores = evaluate_davis(args.root, args.output, extractor=extractor, split=args.split, sequences=args.sequences,
-                            short_side=args.short_side, size_multiple=args.size_multiple, propagation=propagation,
+                            short_side=args.short_side, size_multiple=args.size_multiple, n_last_frames=args.n_last_frames,
+                            neighborhood_radius=args.neighborhood_radius, topk=args.topk, temperature=args.temperature,
                             scores=scores_path, progress=not args.quiet)
     _report(scores, scores_path, args.plot)
     return 0

@@ -9,8 +9,9 @@ imported on first use (PEP 562).
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ditf.lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_spair": "ditf.eval.api",
@@ -54,13 +55,4 @@ if TYPE_CHECKING:
     from ditf.features.fusion_settings import FusionSettings
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditf.eval' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -242,25 +242,31 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
 
 def evaluate_davis(root: str | Path, output: str | Path, *, extractor: DiTFExtractor | str, split: str = "val",
                    sequences: Sequence[str] | None = None, short_side: int | None = None,
-                   size_multiple: int | None = None, propagation: Any = None, scores: str | Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   size_multiple: int | None = None, n_last_frames: int | None = None,
+                   neighborhood_radius: int | None = None, topk: int | None = None, temperature: float | None = None,
+                   scores: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """DAVIS-2017 label propagation with DiT features, then J&F: the scores dict `ditf eval davis` writes.
 
     extractor: a `DiTFExtractor` (or a model reference, resolved with the model's DAVIS task preset); its
-    settings' image size is replaced per frame by the frame-size rule (`short_side`, `size_multiple`: the
-    model's DAVIS task preset, DiTF's 960 and 32 by default). propagation: a `PropagationSettings` (DiTF's by
-    default). Results PNGs go to `output/<seq>/<frame>.png` (a killed run resumes); the scores are written to
-    `scores` (default `output/jf.json`).
+    settings' image size is replaced per frame by the frame-size rule (`short_side` px, long side floored to
+    `size_multiple`). Propagation: the first frame plus `n_last_frames` previous frames, a window of
+    `neighborhood_radius` feature cells, `topk` neighbours per cell, softmax `temperature`. Every option left
+    None comes from the model's DAVIS task preset (DiTF's 960, 32, 7, 12, 5, 0.1). Results PNGs go to
+    `output/<seq>/<frame>.png` (a killed run resumes); the scores are written to `scores` (default
+    `output/jf.json`).
     """
     from ditf.eval.davis import davis_frame_size, run_davis, score_davis
     from ditf.io import write_json_atomic
-    from ditf.matching.propagation import DITF_DAVIS_PROPAGATION
+    from ditf.matching.propagation import PropagationSettings
 
     if isinstance(extractor, str):
         extractor = DiTFExtractor(extractor, task="davis")
-    protocol = task_protocol(preset_for(extractor.model), "davis", short_side=short_side, size_multiple=size_multiple)
+    protocol = task_protocol(preset_for(extractor.model), "davis", short_side=short_side, size_multiple=size_multiple,
+                             n_last_frames=n_last_frames, neighborhood_radius=neighborhood_radius, topk=topk,
+                             temperature=temperature)
     davis_frame_size(1, 1, protocol["short_side"], protocol["size_multiple"])  # checks both before any model loads
-    settings = propagation or DITF_DAVIS_PROPAGATION
+    settings = PropagationSettings(protocol["n_last_frames"], protocol["neighborhood_radius"], protocol["topk"],
+                                   protocol["temperature"])
 
     def extract(image_path: Path, size: tuple[int, int]) -> torch.Tensor:
         return extractor.featurizer.extract(image_path, settings=extractor.settings.replace(size=size)).features

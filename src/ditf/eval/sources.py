@@ -115,7 +115,8 @@ class CachedExtractor:
     Entries are keyed by the image's content hash, everything `extractor.describe()` reports and the prompt
     (see `ditf.eval.cache`). `storage_dtype` (e.g. torch.float16) shrinks the cache; maps are always
     returned as stored, so a fresh and a resumed run see identical features. With `cache_only` the
-    extractor is never called (the scoring step after sharded extraction).
+    extractor is never called (the scoring step after sharded extraction). `image_hashes` (path -> SHA-256)
+    lets several sources over the same images hash each image once.
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class CachedExtractor:
         prompts: Callable[[ImageRecord], str] | None = None,
         storage_dtype: torch.dtype | None = None,
         cache_only: bool = False,
+        image_hashes: dict[Path, str] | None = None,
     ):
         self.extractor = extractor
         self.cache = FeatureCache(cache_dir, storage_dtype)
@@ -134,7 +136,7 @@ class CachedExtractor:
         self.can_compute = not cache_only
         self.missing_hint = (f"run the extraction for every --shard i/n (same settings, cache {self.cache.root}) "
                              "before scoring with --cache-only")
-        self._image_hashes: dict[Path, str] = {}
+        self._image_hashes = {} if image_hashes is None else image_hashes
 
     def key_for(self, image: ImageRecord) -> str:
         """Cache key of `image` under this extractor's settings and prompt policy."""

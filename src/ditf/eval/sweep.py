@@ -100,8 +100,10 @@ def sweep(dataset: CorrespondenceDataset, extractor: DiTFExtractor, blocks: Sequ
     images = dataset.images() if shard is None else shard_images(dataset.images(), *parse_shard(shard))
     base = extractor.with_settings(block=tuple(blocks) if len(blocks) > 1 else blocks[0])
     extracted = 0
+    hashes: dict[Path, str] = {}  # each image is hashed once for every block and timestep
     for t in timesteps:
-        sources = {k: CachedExtractor(base.with_settings(block=k, t=t), cache_dir, prompts) for k in blocks}
+        sources = {k: CachedExtractor(base.with_settings(block=k, t=t), cache_dir, prompts, image_hashes=hashes)
+                   for k in blocks}
         for image in tqdm(images, desc=f"t={t:g}: {len(blocks)} blocks per image", disable=not progress):
             extracted += _fill(image, base.with_settings(t=t), sources, prompts(image))
     if shard is not None:
@@ -112,7 +114,8 @@ def sweep(dataset: CorrespondenceDataset, extractor: DiTFExtractor, blocks: Sequ
     per_image = [[0.0] * len(blocks) for _ in timesteps]
     for i, t in enumerate(tqdm(timesteps, desc="scoring", disable=not progress)):
         for j, k in enumerate(blocks):
-            source = CachedExtractor(base.with_settings(block=k, t=t), cache_dir, prompts, cache_only=True)
+            source = CachedExtractor(base.with_settings(block=k, t=t), cache_dir, prompts, cache_only=True,
+                                     image_hashes=hashes)
             scores = score_pairs(dataset, source, protocol, workers=workers, progress=False)
             per_point[i][j], per_image[i][j] = scores["all_per_point"], scores["all_per_image"]
     i, j = max(((i, j) for i in range(len(timesteps)) for j in range(len(blocks))), key=lambda c: per_point[c[0]][c[1]])

@@ -5,15 +5,8 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ditf.lazy import lazy_exports
 
 _EXPORTS = {"fuse": "ditf.features.fusion", "FusionSettings": "ditf.features.fusion_settings"}
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditf.features' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
