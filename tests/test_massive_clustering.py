@@ -50,14 +50,25 @@ def test_foreground_is_the_cluster_with_the_higher_score():
     assert torch.equal(result.mask, ~planted_square())
 
 
-def test_opposite_sign_channels_need_magnitudes_to_pick_the_foreground():
+def test_flipping_a_channels_sign_gives_the_same_mask_by_default():
     x = activations_with_square(foreground_shift=8.0)
-    x[:, 9] = -x[:, 9]  # channel 9 is now near -100 and more negative on the square
-    signed = cluster_massive_tokens(x, MASSIVE, GRID)
-    magnitude = cluster_massive_tokens(x, MASSIVE, GRID, use_magnitude=True)
+    flipped = x.clone()
+    flipped[:, 9] = -flipped[:, 9]  # channel 9 is now near -100 and more negative on the square (like FLUX's 154/1446)
 
-    assert torch.equal(signed.labels, magnitude.labels)  # same partition either way
-    assert torch.equal(magnitude.mask, planted_square())
+    before, after = cluster_massive_tokens(x, MASSIVE, GRID), cluster_massive_tokens(flipped, MASSIVE, GRID)
+
+    assert torch.equal(before.mask, planted_square()) and torch.equal(after.mask, planted_square())
+    assert torch.equal(before.heatmap, after.heatmap)
+
+
+def test_signed_values_cancel_across_opposite_channels():
+    x = activations_with_square(foreground_shift=8.0)
+    x[:, 9] = -x[:, 9]
+    signed = cluster_massive_tokens(x, MASSIVE, GRID, signed=True)
+    magnitude = cluster_massive_tokens(x, MASSIVE, GRID)
+
+    assert torch.equal(signed.labels, magnitude.labels)  # the same partition either way ...
+    assert signed.heatmap.std() < 0.25 * magnitude.heatmap.std()  # ... but the signed score is nearly flat
 
 
 def test_batched_input_of_one_sample_is_accepted_and_results_are_seeded():

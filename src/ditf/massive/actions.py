@@ -132,6 +132,9 @@ class Action(ABC):
     def finish(self, session: Session) -> None:
         """Check that the action did what it was scoped to do; raise otherwise."""
 
+    def abandon(self) -> None:
+        """Release what the action holds (e.g. a half-written file) when its session ends with an error."""
+
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """A JSON-able record of the action, its parameters and what it did."""
