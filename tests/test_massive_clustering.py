@@ -138,3 +138,21 @@ def test_bad_arguments_name_the_problem(kwargs, message):
 def test_a_batch_of_several_samples_must_be_split():
     with pytest.raises(InvalidArgumentError, match=r"Cluster each batch item separately"):
         cluster_massive_tokens(torch.zeros(2, 320, 32), MASSIVE, GRID)
+
+
+@pytest.mark.parametrize("block", [19, 24, 28])
+def test_the_reference_flux_blocks_opposite_sign_channels_give_one_mask_whatever_their_signs(block):
+    """The flux_tiny fixture's MAs are channel 11 (~ +400) and 42 (~ -250), like FLUX.1-dev's 154/1446 pair."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    raw = load_file(Path(__file__).parent / "fixtures" / "flux_tiny" / "flux_tiny_case.safetensors")[f"k{block}_raw"]
+    x = raw.flatten(1).T  # (C, h, w) -> (N, C)
+    flipped = x.clone()
+    flipped[:, 42] = -flipped[:, 42]
+    grid = tuple(raw.shape[1:])
+
+    assert torch.equal(cluster_massive_tokens(x, [11, 42], grid).mask, cluster_massive_tokens(flipped, [11, 42], grid).mask)
+    signed, signed_flipped = (cluster_massive_tokens(v, [11, 42], grid, signed=True) for v in (x, flipped))
+    assert torch.equal(signed.mask, ~signed_flipped.mask)  # on signed values the foreground is the other cluster

@@ -231,15 +231,15 @@ def parse_rule(text: str) -> Any:
     from ditf.massive.stats import STATISTICS
 
     name, *values = text.split(":")
+    if name == "topk" and len(values) == 2 and values[1] not in STATISTICS:
+        raise InvalidArgumentError(f"--rule {text!r}: {values[1]!r} is not a statistic; use one of "
+                                   f"{', '.join(STATISTICS)}.")
     try:
         if name == "ratio" and len(values) <= 1:
             return RatioRule(*(float(v) for v in values))
         if name == "sun" and len(values) in (0, 2):
             return SunRule(*(float(v) for v in values))
         if name == "topk" and len(values) in (1, 2):
-            if len(values) == 2 and values[1] not in STATISTICS:
-                raise InvalidArgumentError(f"--rule {text!r}: {values[1]!r} is not a statistic; use one of "
-                                           f"{', '.join(STATISTICS)}.")
             return TopKRule(int(values[0]), *values[1:])
     except ValueError as err:
         raise InvalidArgumentError(f"--rule {text!r}: the numbers after ':' are not valid.") from err
@@ -270,6 +270,9 @@ def run_scan(args: argparse.Namespace) -> int:
         if args.num_inference_steps is not None or args.steps != "all":
             raise InvalidArgumentError("--num-inference-steps and --steps apply to generation scans; an --image scan "
                                        "runs one forward.")
+        if args.branch != "cond":
+            raise InvalidArgumentError(f"--branch {args.branch}: an --image scan runs one conditional forward; drop "
+                                       "--branch.")
         if args.pipeline_option or args.guidance_scale is not None:
             raise InvalidArgumentError("--pipeline-option and --guidance-scale apply to generation scans; an --image "
                                        "scan takes the embedded guidance as --guidance.")

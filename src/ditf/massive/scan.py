@@ -177,6 +177,7 @@ def analyse(recording: Recording, plot_tensors: Recording, grid: tuple[int, int]
             signed_clusters: bool = False) -> ScanResult:
     """Build the report of recorded statistics (and, with `out_dir`, write it with figures and statistics)."""
     table = recording.table("image", branch)
+    table.meta.update(meta)
     if not rules:
         raise InvalidArgumentError("rules is empty; pass at least one detection rule, e.g. RatioRule().")
     adaln = _adaln(recording, [cell for cell, _ in table.items()], branch)

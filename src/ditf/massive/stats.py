@@ -301,10 +301,18 @@ class StatsTable:
 
 
 def merge_stats_tables(tables: Sequence[StatsTable]) -> StatsTable:
-    """Cell-wise merge of tables (e.g. one per prompt) into one; cells present in any table are kept."""
+    """Cell-wise merge of tables (e.g. one per prompt) into one; cells present in any table are kept.
+
+    The merged `meta` keeps what the tables agree on; a key whose values differ (e.g. `prompt`) holds the list of
+    every table's value, in order.
+    """
     if not tables:
         raise InvalidArgumentError("merge_stats_tables got no tables; pass at least one StatsTable.")
-    merged = StatsTable(timesteps=tables[0].timesteps, meta=tables[0].meta)
+    meta: dict[str, Any] = {}
+    for key in dict.fromkeys(k for table in tables for k in table.meta):
+        values = [table.meta.get(key) for table in tables]
+        meta[key] = values[0] if all(value == values[0] for value in values) else values
+    merged = StatsTable(timesteps=tables[0].timesteps, meta=meta)
     for table in tables:
         for (block, step), stats in table.items():
             merged.add(block, step, stats)

@@ -29,6 +29,7 @@ from ditf.errors import InvalidArgumentError
 from ditf.massive.actions import BlockCall, CallState, ScopedAction
 from ditf.massive.channels import ChannelSpec, parse_channels
 from ditf.massive.clustering import cluster_massive_tokens
+from ditf.massive.record import WARN_BYTES
 from ditf.massive.sampling import seeded
 from ditf.massive.scopes import BlockSpec, Steps, StepSpec
 from ditf.massive.session import Session, intervene
@@ -201,14 +202,16 @@ class Transport(ScopedAction):
 
 def record_trajectory(pipe: Any, prompt: str, *, blocks: BlockSpec, steps: StepSpec = "all", seed: int = 0,
                       branch: str | Iterable[str] = "all", channels: ChannelSpec | None = "auto",
-                      store: str | os.PathLike[str] | None = None, **pipe_kwargs: Any) -> tuple[Any, TransportSource]:
+                      store: str | os.PathLike[str] | None = None, warn_bytes: float = WARN_BYTES,
+                      **pipe_kwargs: Any) -> tuple[Any, TransportSource]:
     """Run `pipe(prompt, ...)` and keep its image stream at `blocks` x `steps`: a transport source.
 
     channels: the channel set m picked per call on this (unmodified) trajectory ('auto', a list, ...; None keeps
-    every channel, needed only for a target-chosen m). store: None (memory) or a `.safetensors` path. Returns
-    (the pipeline's output, the `TransportSource`). Memory: B x N x |m| values per block, step and branch.
+    every channel, needed only for a target-chosen m). store: None (memory) or a `.safetensors` path. warn_bytes:
+    warn with the estimated size before keeping every channel above this many bytes. Returns (the pipeline's
+    output, the `TransportSource`). Memory: B x N x |m| values per block, step and branch.
     """
-    record = SourceRecord(channels, blocks=blocks, steps=steps, branch=branch, store=store,
+    record = SourceRecord(channels, blocks=blocks, steps=steps, branch=branch, store=store, warn_bytes=warn_bytes,
                           meta={"source": {"kind": "prompt", "prompt": prompt, "seed": seed}})
     with intervene(pipe, [record]):
         output = pipe(prompt=prompt, **seeded(pipe_kwargs, seed))
