@@ -6,6 +6,8 @@ and Detail Guidance's extra forward is `detail` in every session, nested ones in
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from tiny_models import FLUX_TINY_MASSIVE, leftover_hooks
@@ -25,6 +27,7 @@ def test_two_pipeline_calls_in_one_session_are_two_runs(pipe):
     cond_only = Zero(channels=INJECTED, blocks=[3], branch="cond")
     record = Record(blocks=[3], branch="all")
     with intervene(pipe, [cond_only, record]) as session:
+        assert "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters  # the watched call keeps its signature
         sample(pipe)
         sample(pipe, prompt="a dog")
     assert [(e["step"], e["branch"]) for e in cond_only.log] == [(0, "cond"), (1, "cond")] * 2  # both runs edited

@@ -28,7 +28,7 @@ from ditf.errors import InvalidArgumentError
 from ditf.massive.actions import BlockCall, CallState, ScopedAction
 from ditf.massive.scopes import BlockSpec, StepSpec, format_indices
 from ditf.massive.session import Session
-from ditf.massive.stats import ChannelStats, StatsTable, channel_stats
+from ditf.massive.stats import ChannelStats, StatsTable, StatsWorkspace, channel_stats
 from ditf.massive.tensorstore import format_bytes
 
 STREAM_POINTS: tuple[str, ...] = ("image", "text", "output")
@@ -43,13 +43,8 @@ WARN_BYTES = 1e9
 """Default size above which recording whole tensors warns first (1 GB)."""
 
 
-class LargeRecordingWarning(ResourceWarning):
+class LargeRecordingWarning(UserWarning):
     """A recording of whole tensors is about to need a lot of memory or disk; the message gives the estimate."""
-
-    # ResourceWarning is hidden by default; this one is meant to be seen.
-
-
-warnings.simplefilter("default", LargeRecordingWarning)
 
 
 def estimated_cells(action: ScopedAction, session: Session, state: CallState) -> int:
@@ -173,6 +168,7 @@ class Record(ScopedAction):
         self._stats: dict[tuple[str, str], dict[tuple[int, int], list[ChannelStats]]] = {}
         self._latest_step = -1
         self._warned = False
+        self._workspace = StatsWorkspace()
 
     # -------------------------------------------------------------- scope
     def bind(self, session: Session) -> None:
@@ -219,7 +215,8 @@ class Record(ScopedAction):
         if state.t is not None:
             self.recording.timesteps[state.step] = state.t
         if point in STREAM_POINTS and self.keep_stats:
-            self._stats.setdefault((point, branch), {}).setdefault((block, state.step), []).append(channel_stats(value))
+            table = self._stats.setdefault((point, branch), {})
+            table.setdefault((block, state.step), []).append(channel_stats(value, self._workspace))
         if point in self.full_points and not self._warned:
             self._warned = True
             cells = 1 if self._keeps_latest_only(state) else estimated_cells(self, self._session, state)

@@ -114,9 +114,10 @@ def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = No
                                         settings=settings, pipe_kwargs=pipe_kwargs)
         grid = (picture.height // arch.stride, picture.width // arch.stride)
     else:
-        if guidance_scale is not None:
-            raise InvalidArgumentError("guidance_scale is the pipeline's argument for generation scans; an image scan "
-                                       "takes the embedded guidance as guidance=.")
+        if guidance_scale is not None or pipe_kwargs:
+            raise InvalidArgumentError("guidance_scale and pipeline arguments apply to generation scans; an image scan "
+                                       f"runs one forward (got {sorted(pipe_kwargs) or 'guidance_scale'}) and takes "
+                                       "the embedded guidance as guidance=.")
         picture, grid, meta = _run_image(pipe, [statistics, tensors], image=image, t=t, prompt=prompt, seed=seed,
                                          resolution=resolution, guidance=guidance, preset=preset, model=model)
     meta = {**provenance(pipe, model), **meta, "branch": branch, "family": arch.family,

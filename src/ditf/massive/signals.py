@@ -15,6 +15,7 @@ session on that object ends.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,6 +110,7 @@ class PipelineWatch:
             return
         watch = self
 
+        @functools.wraps(call)
         def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
             return watch.run(call, signature, pipe, args, kwargs)
 

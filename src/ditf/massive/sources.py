@@ -22,7 +22,7 @@ from ditf.massive.channels import AllChannels, ChannelSpec, parse_channels
 from ditf.massive.record import WARN_BYTES, estimated_cells, warn_large_recording
 from ditf.massive.scopes import BlockSpec, StepSpec, format_indices
 from ditf.massive.session import Session
-from ditf.massive.stats import channel_stats
+from ditf.massive.stats import StatsWorkspace, channel_stats
 from ditf.massive.tensorstore import TensorStore, format_bytes
 
 SOURCE_FORMAT = "ditf.massive.TransportSource"
@@ -155,6 +155,7 @@ class SourceRecord(ScopedAction):
         self._timesteps: dict[int, float] = {}
         self._num_channels = 0
         self._warned = False
+        self._workspace = StatsWorkspace()
 
     def bind(self, session: Session) -> None:
         super().bind(session)
@@ -176,7 +177,8 @@ class SourceRecord(ScopedAction):
         for branch, rows in state.rows_in(self.branches):
             x = call.image[rows]
             width = x.shape[-1]
-            channels = self.selector.select(width, channel_stats(x) if self.selector.needs_statistics else None)
+            stats = channel_stats(x, self._workspace) if self.selector.needs_statistics else None
+            channels = self.selector.select(width, stats)
             if not self._warned:
                 self._warned = True
                 if len(channels) == width:
