@@ -50,14 +50,25 @@ def test_foreground_is_the_cluster_with_the_higher_score():
     assert torch.equal(result.mask, ~planted_square())
 
 
-def test_opposite_sign_channels_need_magnitudes_to_pick_the_foreground():
+def test_flipping_a_channels_sign_gives_the_same_mask_by_default():
     x = activations_with_square(foreground_shift=8.0)
-    x[:, 9] = -x[:, 9]  # channel 9 is now near -100 and more negative on the square
-    signed = cluster_massive_tokens(x, MASSIVE, GRID)
-    magnitude = cluster_massive_tokens(x, MASSIVE, GRID, use_magnitude=True)
+    flipped = x.clone()
+    flipped[:, 9] = -flipped[:, 9]  # channel 9 is now near -100 and more negative on the square (like FLUX's 154/1446)
 
-    assert torch.equal(signed.labels, magnitude.labels)  # same partition either way
-    assert torch.equal(magnitude.mask, planted_square())
+    before, after = cluster_massive_tokens(x, MASSIVE, GRID), cluster_massive_tokens(flipped, MASSIVE, GRID)
+
+    assert torch.equal(before.mask, planted_square()) and torch.equal(after.mask, planted_square())
+    assert torch.equal(before.heatmap, after.heatmap)
+
+
+def test_signed_values_cancel_across_opposite_channels():
+    x = activations_with_square(foreground_shift=8.0)
+    x[:, 9] = -x[:, 9]
+    signed = cluster_massive_tokens(x, MASSIVE, GRID, signed=True)
+    magnitude = cluster_massive_tokens(x, MASSIVE, GRID)
+
+    assert torch.equal(signed.labels, magnitude.labels)  # the same partition either way ...
+    assert signed.heatmap.std() < 0.25 * magnitude.heatmap.std()  # ... but the signed score is nearly flat
 
 
 def test_batched_input_of_one_sample_is_accepted_and_results_are_seeded():
@@ -127,3 +138,21 @@ def test_bad_arguments_name_the_problem(kwargs, message):
 def test_a_batch_of_several_samples_must_be_split():
     with pytest.raises(InvalidArgumentError, match=r"Cluster each batch item separately"):
         cluster_massive_tokens(torch.zeros(2, 320, 32), MASSIVE, GRID)
+
+
+@pytest.mark.parametrize("block", [19, 24, 28])
+def test_the_reference_flux_blocks_opposite_sign_channels_give_one_mask_whatever_their_signs(block):
+    """The flux_tiny fixture's MAs are channel 11 (~ +400) and 42 (~ -250), like FLUX.1-dev's 154/1446 pair."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    raw = load_file(Path(__file__).parent / "fixtures" / "flux_tiny" / "flux_tiny_case.safetensors")[f"k{block}_raw"]
+    x = raw.flatten(1).T  # (C, h, w) -> (N, C)
+    flipped = x.clone()
+    flipped[:, 42] = -flipped[:, 42]
+    grid = tuple(raw.shape[1:])
+
+    assert torch.equal(cluster_massive_tokens(x, [11, 42], grid).mask, cluster_massive_tokens(flipped, [11, 42], grid).mask)
+    signed, signed_flipped = (cluster_massive_tokens(v, [11, 42], grid, signed=True) for v in (x, flipped))
+    assert torch.equal(signed.mask, ~signed_flipped.mask)  # on signed values the foreground is the other cluster

@@ -14,17 +14,20 @@ from ditf.massive import (
     ExplicitChannels,
     MeanOp,
     Record,
-    Recording,
     Scale,
     ScaleOp,
     SetMean,
+    StatsTable,
     Transport,
+    TransportSource,
+    Where,
     Zero,
     intervene,
     parse_channels,
     parse_op,
     prompt_interpolation,
     record_image_trajectory,
+    record_reference,
     record_trajectory,
     subject_driven,
 )
@@ -71,8 +74,17 @@ def test_zeroing_the_injected_channels_changes_the_image(pipe, baseline):
     assert leftover_hooks(pipe.transformer) == []
 
 
-def test_auto_channels_are_detected_on_the_live_stream_of_each_block_call(pipe):
-    _, session = sample_with(pipe, [Zero(channels="auto", blocks=[0, 1], steps=[1])])
+def test_auto_channels_come_from_a_clean_reference_pass_so_every_scoped_block_is_edited(pipe):
+    _, reference = record_reference(pipe, "a cat", blocks=[0, 1], **SAMPLING)
+    _, session = sample_with(pipe, [Zero(channels="auto", blocks=[0, 1], steps=[1], reference=reference)])
+    found = {entry["block"]: entry["channels"] for entry in session.actions[0].log}
+    assert found == {0: INJECTED, 1: INJECTED} and session.actions[0].edited == 2
+
+
+def test_detecting_on_the_edited_stream_is_only_on_request_and_finds_nothing_below_the_first_edit(pipe):
+    with pytest.raises(InvalidArgumentError, match="picks its channels from the unmodified stream, so it needs reference="):
+        sample_with(pipe, [Zero(channels="auto", blocks=[0, 1])])
+    _, session = sample_with(pipe, [Zero(channels="auto", blocks=[0, 1], steps=[1], reference="live")])
     found = {entry["block"]: entry["channels"] for entry in session.actions[0].log}
     assert found == {0: INJECTED, 1: []}  # zeroed at block 0, so block 1 has no massive channel left
 
@@ -117,16 +129,16 @@ def synthetic_stream():
 
 def test_channel_sets_for_fair_controls():
     x = synthetic_stream()
-    assert DetectedChannels().select(x) == INJECTED
-    bottom = ControlChannels("bottom").select(x)
-    random = ControlChannels("random", seed=3).select(x)
-    matched = ControlChannels("matched").select(x)
+    assert DetectedChannels().select_in(x) == INJECTED
+    bottom = ControlChannels("bottom").select_in(x)
+    random = ControlChannels("random", seed=3).select_in(x)
+    matched = ControlChannels("matched").select_in(x)
     for control in (bottom, random, matched):
         assert len(control) == 2 and not set(control) & set(INJECTED)
     mean_abs = x.abs().mean(dim=(0, 1))
     assert bottom == sorted(mean_abs.argsort()[:2].tolist())
-    assert ControlChannels("random", k=5).select(x) != ControlChannels("random", k=5, seed=1).select(x)
-    assert parse_channels("top:2").select(x) == INJECTED
+    assert ControlChannels("random", k=5).select_in(x) != ControlChannels("random", k=5, seed=1).select_in(x)
+    assert parse_channels("top:2").select_in(x) == INJECTED
     assert parse_channels("11,42") == ExplicitChannels((11, 42))
     assert isinstance(parse_channels("matched"), ControlChannels)
 
@@ -135,26 +147,38 @@ def test_ops_set_mean_clamp_and_scale():
     x = synthetic_stream()
     mask = torch.zeros(16, 64, dtype=torch.bool)
     mask[:, 11] = True
-    mean = MeanOp().values(x, mask, None)
-    torch.testing.assert_close(mean[0, :, 11], x[0, :, 11].mean().expand(16))
-    clamped = Clamp(-50, 50).op.values(x, mask, None)
+    means = torch.arange(64.0)
+    torch.testing.assert_close(MeanOp(means).values(x, mask, Where(3, 0))[0, :, 11], torch.full((16,), 11.0))
+    clamped = Clamp(-50, 50).op.values(x, mask, Where(3, 0))
     assert clamped.abs().max() <= 50
-    assert torch.equal(ScaleOp(lambda t: t / 1000).values(x, mask, 500.0), x * 0.5)
+    assert torch.equal(ScaleOp(lambda t: t / 1000).values(x, mask, Where(3, 0, t=500.0)), x * 0.5)
     assert parse_op("clamp:50") == Clamp(-50, 50).op
     with pytest.raises(InvalidArgumentError, match="not an operation"):
         parse_op("shrink")
+    with pytest.raises(InvalidArgumentError, match="op 'mean' sets channels to their mean measured across inputs"):
+        parse_op("mean")
 
 
-def test_set_mean_keeps_other_channels_bit_exact(pipe, baseline):
+def test_set_mean_writes_the_mean_measured_across_other_prompts_and_keeps_other_channels_bit_exact(pipe):
+    from ditf.massive import merge_stats_tables
+
+    tables = [record_reference(pipe, prompt, blocks=[6], **SAMPLING)[1].table() for prompt in ("a dog", "a tree")]
+    means = merge_stats_tables(tables)  # one fixed value per channel, block and step, over prompts and tokens
     record = Record(blocks=[6], steps=[1], full=True)
-    _, _ = sample_with(pipe, [record])
+    sample_with(pipe, [record])
     before = record.recording.tensor("image", 6, 1)
     record_after = Record(blocks=[6], steps=[1], full=True)
-    _, _ = sample_with(pipe, [SetMean(channels=[11], blocks=[6], steps=[1]), record_after])
+    sample_with(pipe, [SetMean(channels=[11], means=means, blocks=[6], steps=[1]), record_after])
     after = record_after.recording.tensor("image", 6, 1)
     others = [c for c in range(64) if c != 11]
     assert torch.equal(after[..., others], before[..., others])
-    torch.testing.assert_close(after[0, :, 11], before[0, :, 11].mean().expand(16))
+    expected = (tables[0][(6, 1)].mean[11] + tables[1][(6, 1)].mean[11]) / 2  # both prompts have 16 tokens
+    torch.testing.assert_close(after[0, :, 11], expected.expand(16))
+    assert not torch.allclose(after[0, :, 11], before[0, :, 11].mean().expand(16))  # not the sample's own mean
+    with pytest.raises(InvalidArgumentError, match=r"the means table has no statistics at block 7, step 1"):
+        sample_with(pipe, [SetMean(channels=[11], means=means, blocks=[7], steps=[1])])
+    with pytest.raises(InvalidArgumentError, match="the means have C=3 channels but this model's stream has C=64"):
+        sample_with(pipe, [SetMean(channels=[1], means=torch.zeros(3))])
 
 
 def test_a_channel_index_out_of_range_names_the_width(pipe):
@@ -185,7 +209,7 @@ def test_detail_guidance_adds_the_disrupted_branch_difference_in_its_window(pipe
 
 
 def test_detail_guidance_only_guides_the_conditional_call_under_true_cfg(pipe):
-    guidance = DetailGuidance(block=10, weight=1.0, cfg_scale=2.0)
+    guidance = DetailGuidance(block=10, weight=1.0)
     with intervene(pipe, [guidance]) as session:
         sample(pipe, negative_prompt="blurry", true_cfg_scale=2.0, num_inference_steps=1)
     assert session.calls == 3 and session.branches_seen == {"cond", "uncond", "detail"}
@@ -196,30 +220,31 @@ def test_detail_guidance_only_guides_the_conditional_call_under_true_cfg(pipe):
 
 
 def test_transport_with_a_full_mask_from_the_same_prompt_is_the_identity(pipe, baseline):
-    source_output, source = record_trajectory(pipe, "a cat", blocks="all", **SAMPLING)
-    assert torch.equal(source_output.images, baseline)
-    images, session = sample_with(pipe, [Transport(source, channels="all")])
+    source_output, source = record_trajectory(pipe, "a cat", blocks="all", channels="all", **SAMPLING)
+    assert torch.equal(source_output.images, baseline) and source.complete
+    images, session = sample_with(pipe, [Transport(source)])
     assert torch.equal(images, baseline)
     assert session.actions[0].applied == 29 * 2
 
 
 def test_transport_from_another_prompt_writes_its_ma_channels(pipe, baseline):
     _, source = record_trajectory(pipe, "a dog", blocks="5-20", **SAMPLING)
+    assert source.channels(7, 1, "cond") == INJECTED and source.values(7, 1, "cond").shape == (1, 16, 2)
     record = Record(blocks=[7], steps=[1], full=True)
     transport = Transport(source, blocks="5-20")
     images, _ = sample_with(pipe, [transport, record])
     written = record.recording.tensor("image", 7, 1)
-    torch.testing.assert_close(written[..., INJECTED], source.tensor("image", 7, 1)[..., INJECTED], rtol=0, atol=0)
+    torch.testing.assert_close(written[..., INJECTED], source.values(7, 1, "cond"), rtol=0, atol=0)
     assert not torch.equal(images, baseline)
     assert {tuple(entry["channels"]) for entry in transport.log} == {(11, 42)}
 
 
 def test_transport_between_different_shapes_is_refused(pipe):
-    wrong = Recording(tensors={("image", 0, s, "cond"): torch.zeros(1, 9, 64) for s in (0, 1)},
-                      timesteps={0: 1000.0, 1: 500.0}, meta={"time_units": "scheduler"})
+    wrong = TransportSource.from_tensors({(0, s, "cond"): torch.zeros(1, 9, 64) for s in (0, 1)},
+                                         timesteps={0: 1000.0, 1: 500.0}, meta={"time_units": "scheduler"})
     with pytest.raises(InvalidArgumentError, match=r"source image stream has shape \(1, 9, 64\) but the target's is \(1, 16, 64\)"):
         sample_with(pipe, [Transport(wrong, blocks=[0])])
-    with pytest.raises(InvalidArgumentError, match=r"no image tensors at blocks \[1\]"):
+    with pytest.raises(InvalidArgumentError, match=r"no image stream at blocks \[1\]"):
         sample_with(pipe, [Transport(wrong, blocks=[0, 1])])
     assert leftover_hooks(pipe.transformer) == []
 

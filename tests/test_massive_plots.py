@@ -67,7 +67,7 @@ def test_gate_alignment(tmp_path, activations):
 
 
 def test_cluster_masks_with_and_without_an_image(tmp_path, activations):
-    result = cluster_massive_tokens(activations, [11, 42], GRID, use_magnitude=True)
+    result = cluster_massive_tokens(activations, [11, 42], GRID)
     stem = tmp_path / "masks"
     assert_png_and_pdf(plots.plot_cluster_masks([result, result], stem, titles=["block 19", "block 28"]), stem)
     picture = np.linspace(0, 255, 64 * 96 * 3).reshape(64, 96, 3).astype(np.uint8)

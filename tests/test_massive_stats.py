@@ -32,14 +32,8 @@ from ditf.massive.detect import (
     sun_massive_entries,
     top_k_channels,
 )
-from ditf.massive.report import (
-    build_scan_report,
-    load_stats_table,
-    render_markdown,
-    save_stats_table,
-    write_scan_figures,
-    write_scan_report,
-)
+from ditf.massive.report import build_scan_report, render_markdown, write_scan_figures, write_scan_report
+from ditf.massive.stats_files import load_stats_table, save_stats_table
 from ditf.massive.stats import (
     ChannelStats,
     StatsTable,
@@ -178,12 +172,34 @@ def test_stats_table_add_merges_a_second_call_into_the_cell():
     assert table[(0, 0)].n_calls == 2 and table[(0, 0)].n_tokens == 16
 
 
-def test_stats_table_round_trips_through_a_json_file(tmp_path):
+def test_stats_table_round_trips_through_a_json_index_and_binary_vectors(tmp_path):
     table = small_table()
     path = save_stats_table(table, tmp_path / "stats.json")
     again = load_stats_table(path)
     assert again.blocks == table.blocks and again.timesteps == table.timesteps and again.meta == table.meta
-    assert torch.equal(again.stack("max_abs"), table.stack("max_abs"))
+    for name in ("mean_abs", "max_abs", "median_abs", "p999_abs", "median_all"):
+        assert torch.equal(again.stack(name), table.stack(name))
+    assert all(torch.equal(again[cell].mean, stats.mean) for cell, stats in table.items())
+    index = json.loads(path.read_text())
+    assert index["arrays"] == "stats.safetensors" and len(index["cells"]) == len(table)
+    assert set(index["cells"][0]) == {"block", "step", "row", "median_all", "n_tokens", "n_calls"}
+    assert path.stat().st_size < 2000  # the index only: the 6 x 5 x 64 values are 4 bytes each in the binary file
+    vectors = load_file(tmp_path / "stats.safetensors")
+    assert vectors["mean_abs"].shape == (len(table), 64) and vectors["mean"].dtype == torch.float32
+    assert load_stats_table(tmp_path).blocks == table.blocks  # a scan folder works too
+
+
+def test_stats_json_without_its_vectors_file_is_refused(tmp_path):
+    save_stats_table(small_table(), tmp_path / "stats.json")
+    (tmp_path / "stats.safetensors").unlink()
+    with pytest.raises(InvalidArgumentError, match="keeps its vectors in stats.safetensors, which is missing"):
+        load_stats_table(tmp_path / "stats.json")
+
+
+def test_an_all_json_table_of_the_first_format_still_loads(tmp_path):
+    table = small_table()
+    (tmp_path / "old.json").write_text(json.dumps(table.to_dict()))
+    assert torch.equal(load_stats_table(tmp_path / "old.json").stack("mean_abs"), table.stack("mean_abs"))
 
 
 def test_merge_stats_tables_merges_cell_by_cell():
@@ -310,11 +326,49 @@ def test_magnitude_matched_control_is_seeded_when_drawing_from_a_pool():
 
 def test_jaccard_by_hand():
     assert jaccard([1, 2, 3], [2, 3, 4]) == 2 / 4
-    assert jaccard([], []) == 1.0
+    assert jaccard([1], []) == 0.0
     matrix = jaccard_matrix([[1, 2], [1, 2], [3]])
     assert matrix.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     assert mean_pairwise_jaccard(matrix) == pytest.approx(1 / 3)
     assert mean_pairwise_jaccard(jaccard_matrix([[1]])) is None
+
+
+def test_jaccard_of_two_empty_sets_is_missing_not_one():
+    assert jaccard([], []) is None
+    matrix = jaccard_matrix([[], [], [11]])
+    assert matrix[0, 1].isnan() and matrix[0, 0].isnan() and matrix[2, 2] == 1.0 and matrix[0, 2] == 0.0
+    assert mean_pairwise_jaccard(matrix) == 0.0  # only the defined pairs (empty vs {11}) count
+    assert mean_pairwise_jaccard(jaccard_matrix([[], []])) is None
+
+
+def test_a_report_of_empty_sets_writes_missing_stability_not_one(tmp_path):
+    table = StatsTable()  # block 0 has massive channels at every step, block 1 none at any
+    for step in range(3):
+        table.add(0, step, channel_stats(activations_with_massive_channels(seed=step)))
+        table.add(1, step, channel_stats(torch.randn(32, 64, generator=torch.Generator().manual_seed(step))))
+    report = build_scan_report(table, [RatioRule()])
+    stability = json.loads(write_scan_report(report, tmp_path)["json"].read_text())["stability"]["ratio(threshold=100.0)"]
+    assert stability["across_steps"] == [
+        {"block": 0, "mean_jaccard": 1.0, "min_jaccard": 1.0, "pairs": 3, "undefined_pairs": 0},
+        {"block": 1, "mean_jaccard": None, "min_jaccard": None, "pairs": 3, "undefined_pairs": 3},
+    ]
+    assert stability["across_blocks"][0]["mean_jaccard"] == 0.0  # {11, 42} vs {} is defined: no overlap
+    assert "| 1 | – | – |" in render_markdown(report)
+
+
+def test_the_jaccard_figure_leaves_undefined_cells_blank():
+    from ditf.massive.plots import jaccard_figure
+
+    figure = jaccard_figure(jaccard_matrix([[], [], [11]]), [0, 1, 2])
+    (axes, _colorbar) = figure.axes
+    numbers = {(round(text.get_position()[1]), round(text.get_position()[0])): text.get_text() for text in axes.texts}
+    assert numbers == {(0, 2): "0.00", (1, 2): "0.00", (2, 0): "0.00", (2, 1): "0.00", (2, 2): "1.00"}
+    shown = axes.images[0].get_array()
+    assert shown.mask[0, 0] and shown.mask[0, 1] and not shown.mask[2, 2]
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())
+    x, y = axes.transData.transform((0, 0))
+    assert tuple(pixels[round(pixels.shape[0] - y), round(x), :3]) == (255, 255, 255)  # blank, not a colour
 
 
 def test_stability_across_steps_blocks_and_runs():

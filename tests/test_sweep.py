@@ -11,11 +11,12 @@ from PIL import Image
 
 from ditf import resolve_settings
 from ditf.cli import main
-from ditf.errors import UnknownModelError
+from ditf.errors import InvalidArgumentError, UnknownModelError
 from ditf.eval import DiTFExtractor
 from ditf.eval.api import evaluate_correspondence
 from ditf.eval.spair import load_spair
 from ditf.eval.sweep import parse_blocks, subset_pairs, sweep
+from ditf.indices import parse_indices
 from ditf.registry import get_preset, preset_files, read_preset_file
 
 MINI = Path(__file__).parent / "fixtures" / "spair_mini"
@@ -129,3 +130,6 @@ def test_a_preset_file_with_unknown_keys_is_refused_naming_the_key(tmp_path, cap
 
 def test_block_lists_parse_ranges_with_steps():
     assert parse_blocks("4-22:6") == [4, 10, 16, 22] and parse_blocks("12,3,3") == [3, 12]
+    assert parse_indices("-1,3-7:2", "steps") == [-1, 3, 5, 7]  # massive's steps: a lone negative counts from the end
+    with pytest.raises(InvalidArgumentError, match=r"blocks='-1': '-1' is not a range of indices"):
+        parse_blocks("-1")

@@ -91,6 +91,24 @@ class CfgLayout:
 
     kind: Literal["none", "sequential", "batched"]
     order: tuple[str, ...] = ("cond", "uncond")
+    scale_argument: str | None = "guidance_scale"
+    """The pipeline-call argument holding the CFG scale g (CFG runs when g > 1); None for a pipeline that runs no
+    CFG (its guidance, if any, is embedded in the model, e.g. FLUX.2-dev)."""
+    negative_arguments: tuple[str, ...] = ()
+    """When not empty, CFG runs only if one of these call arguments is given (FLUX.1's and Qwen-Image's true CFG
+    needs a negative prompt)."""
+
+    def cfg_scale(self, arguments: Mapping[str, Any]) -> float | None:
+        """The CFG scale g of a pipeline call with `arguments` (its parameters, defaults filled in) when the call runs
+        an unconditional branch, else None."""
+        if self.kind == "none" or self.scale_argument is None:
+            return None
+        scale = arguments.get(self.scale_argument)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 1:
+            return None
+        if self.negative_arguments and all(arguments.get(name) is None for name in self.negative_arguments):
+            return None
+        return float(scale)
 
     def rows(self, call: int, batch: int, cfg_active: bool) -> tuple[tuple[str, slice], ...]:
         """Branch -> batch rows of the `call`-th transformer call of a step with `batch` rows."""
@@ -274,8 +292,14 @@ class ArchSpec(ABC):
 
     # ------------------------------------------------------------ pipelines
     def cfg_layout(self, pipeline: Any) -> CfgLayout | None:
-        """How `pipeline` lays out classifier-free guidance, or None for a pipeline class ditf does not know."""
-        return self.cfg_layouts.get(type(pipeline).__name__)
+        """How `pipeline` lays out classifier-free guidance, or None for a pipeline class ditf does not know.
+
+        Subclasses of a known pipeline class (and `pipeline` given as a class) inherit its layout."""
+        cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+        for base in cls.__mro__:
+            if base.__name__ in self.cfg_layouts:
+                return self.cfg_layouts[base.__name__]
+        return None
 
     # ------------------------------------------------------- latents, noise
     @property
@@ -284,6 +308,16 @@ class ArchSpec(ABC):
         if self.vae is not None and hasattr(self.vae.config, "block_out_channels"):
             return 2 ** (len(self.vae.config.block_out_channels) - 1)
         return 8
+
+    @property
+    def width(self) -> int | None:
+        """Channels C of the residual stream (the transformer's `inner_dim`, else heads x head dim; None if unknown)."""
+        inner = getattr(self.transformer, "inner_dim", None)
+        if isinstance(inner, int):
+            return inner
+        config = getattr(self.transformer, "config", None)
+        heads, head_dim = (getattr(config, name, None) for name in ("num_attention_heads", "attention_head_dim"))
+        return heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
 
     @property
     def patch_size(self) -> int:

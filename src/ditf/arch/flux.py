@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ditf.arch.base import (
-    SEQUENTIAL_CFG,
     BlockInputs,
     BlockRef,
+    CfgLayout,
     Conditioning,
     PackedLatentsArch,
     expand_batch,
@@ -52,9 +52,11 @@ class FluxArch(PackedLatentsArch):
     pipeline_class = "FluxPipeline"
     noise_convention = "flow"
     text_limits = {"tokenizer": 77, "tokenizer_2": 512}
-    cfg_layouts = {name: SEQUENTIAL_CFG for name in ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")}
-    """True CFG (`true_cfg_scale` with a negative prompt) calls the transformer for cond, then uncond;
-    FLUX.1-dev without it makes one call per step."""
+    cfg_layouts = {name: CfgLayout("sequential", scale_argument="true_cfg_scale",
+                                   negative_arguments=("negative_prompt", "negative_prompt_embeds"))
+                   for name in ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")}
+    """True CFG (`true_cfg_scale` > 1 with a negative prompt) calls the transformer for cond, then uncond;
+    FLUX.1-dev without it makes one call per step (its `guidance_scale` is embedded, not CFG)."""
     block_output_image = 1
     text_stream_param = "encoder_hidden_states"
 

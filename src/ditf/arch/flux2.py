@@ -41,6 +41,7 @@ from ditf.arch.base import (
     ArchSpec,
     BlockInputs,
     BlockRef,
+    CfgLayout,
     Conditioning,
     expand_batch,
     patchify_2x2,
@@ -61,7 +62,7 @@ class Flux2Arch(ArchSpec):
         "single_transformer_blocks": ("hidden_states", "encoder_hidden_states", "temb_mod"),
     }
     noise_convention = "flow"
-    cfg_layouts = {name: SEQUENTIAL_CFG for name in ("Flux2Pipeline", "Flux2KleinPipeline")}
+    cfg_layouts = {"Flux2Pipeline": CfgLayout("sequential", scale_argument=None), "Flux2KleinPipeline": SEQUENTIAL_CFG}
     """klein's CFG calls the transformer for cond, then uncond; dev (guidance-distilled) makes one call per step."""
     block_output_image = 1
     text_stream_param = "encoder_hidden_states"

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from ditf.arch.base import (
-    SEQUENTIAL_CFG,
     BlockInputs,
     BlockRef,
+    CfgLayout,
     Conditioning,
     PackedLatentsArch,
     expand_batch,
@@ -54,7 +54,9 @@ class QwenImageArch(PackedLatentsArch):
     pipeline_class = "QwenImagePipeline"
     noise_convention = "flow"
     text_limits = {"tokenizer": MAX_PROMPT_TOKENS}
-    cfg_layouts = {name: SEQUENTIAL_CFG for name in ("QwenImagePipeline", "QwenImageImg2ImgPipeline")}
+    cfg_layouts = {name: CfgLayout("sequential", scale_argument="true_cfg_scale",
+                                   negative_arguments=("negative_prompt", "negative_prompt_embeds"))
+                   for name in ("QwenImagePipeline", "QwenImageImg2ImgPipeline")}
     """True CFG calls the transformer for cond, then uncond (without a negative prompt: one call)."""
     block_output_image = 1
     text_stream_param = "encoder_hidden_states"

@@ -27,6 +27,7 @@ from ditf.eval.scoring import score_pairs
 from ditf.eval.sharding import parse_shard, shard_images
 from ditf.eval.sources import CachedExtractor
 from ditf.features.io import check_feature_map
+from ditf.indices import parse_indices
 from ditf.io import write_json_atomic
 from ditf.smoke import is_smoke_model
 from ditf.versions import ditf_version
@@ -36,23 +37,7 @@ SWEEP_BENCHMARKS = ("spair", "ap10k", "pfpascal")
 
 def parse_blocks(text: str) -> list[int]:
     """'4-22:2' | '12,16,20' | '19-28' -> sorted distinct block indices (ranges inclusive, ':step' optional)."""
-    found: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        span, _, step = part.partition(":")
-        first, dash, last = span.partition("-")
-        try:
-            start, stop, stride = int(first), int(last) if dash else int(first), int(step) if step else 1
-        except ValueError as err:
-            raise InvalidArgumentError(f"blocks={text!r}: use indices and ranges such as 4-22:2 or 12,16,20.") from err
-        if start < 0 or stop < start or stride < 1:
-            raise InvalidArgumentError(f"blocks={text!r}: {part!r} is not a range of block indices (FIRST-LAST:STEP).")
-        found.update(range(start, stop + 1, stride))
-    if not found:
-        raise InvalidArgumentError(f"blocks={text!r} lists no block; give e.g. 4-22:2.")
-    return sorted(found)
+    return sorted(set(parse_indices(text, "blocks", negative=False)))
 
 
 def parse_timesteps(text: str) -> list[float]:

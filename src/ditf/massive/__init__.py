@@ -5,14 +5,14 @@ Analysis (pure tensors): `channel_stats`, `StatsTable`, detection rules (`RatioR
 and scan reports. Model side: `intervene(pipe, [Record(...), Zero(...), Transport(...),
 DetailGuidance(...)])` hooks any supported diffusers DiT pipeline; `ditf.massive.scan.scan` and
 `ditf.massive.generate.generate` are the high-level entry points behind `ditf massive ...` (their modules
-keep their names: `import ditf.massive.scan`). Names are imported on first use (PEP 562), so importing
-the package loads neither torch nor matplotlib.
+keep their names: `import ditf.massive.scan`). Detected channels of edits come from a clean reference pass
+(`record_reference`); transport sources keep only their channels (`TransportSource`). Names are imported on
+first use (PEP 562), so importing the package loads neither torch nor matplotlib.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ditf.lazy import lazy_exports
 
 _EXPORTS = {
     "CfgLayout": "ditf.arch",
@@ -63,6 +63,7 @@ _EXPORTS = {
     "SetMean": "ditf.massive.edits",
     "Zero": "ditf.massive.edits",
     "ZeroOp": "ditf.massive.edits",
+    "Where": "ditf.massive.edits",
     "parse_op": "ditf.massive.edits",
     "GenerationResult": "ditf.massive.generate",
     "TransportPlan": "ditf.massive.generate",
@@ -75,20 +76,24 @@ _EXPORTS = {
     "plot_gate_alignment": "ditf.massive.plots",
     "plot_jaccard_matrix": "ditf.massive.plots",
     "plot_step_profile": "ditf.massive.plots",
+    "LargeRecordingWarning": "ditf.massive.record",
     "POINTS": "ditf.massive.record",
     "Record": "ditf.massive.record",
     "Recording": "ditf.massive.record",
     "ScanReport": "ditf.massive.report",
     "build_scan_report": "ditf.massive.report",
-    "load_stats_table": "ditf.massive.report",
+    "load_stats_table": "ditf.massive.stats_files",
     "render_markdown": "ditf.massive.report",
-    "save_stats_table": "ditf.massive.report",
+    "save_stats_table": "ditf.massive.stats_files",
     "write_scan_figures": "ditf.massive.report",
     "write_scan_report": "ditf.massive.report",
+    "record_reference": "ditf.massive.reference",
     "DEFAULT_RULES": "ditf.massive.scan",
     "ScanResult": "ditf.massive.scan",
     "BRANCHES": "ditf.massive.scopes",
     "Steps": "ditf.massive.scopes",
+    "SourceRecord": "ditf.massive.sources",
+    "TransportSource": "ditf.massive.sources",
     "Session": "ditf.massive.session",
     "intervene": "ditf.massive.session",
     "STATISTICS": "ditf.massive.stats",
@@ -99,6 +104,7 @@ _EXPORTS = {
     "merge_channel_stats": "ditf.massive.stats",
     "merge_stats_tables": "ditf.massive.stats",
     "step_profile": "ditf.massive.stats",
+    "TensorStore": "ditf.massive.tensorstore",
     "Transport": "ditf.massive.transport",
     "TransportResult": "ditf.massive.transport",
     "pipeline_schedule": "ditf.massive.transport",
@@ -111,16 +117,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    try:
-        return import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=True)

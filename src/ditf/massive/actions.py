@@ -13,7 +13,8 @@ import torch
 
 from ditf.arch import BlockInputs, BlockRef
 from ditf.errors import InvalidArgumentError
-from ditf.massive.scopes import BlockSpec, Steps, StepSpec, format_indices, parse_branches, resolve_blocks
+from ditf.indices import format_indices
+from ditf.massive.scopes import BlockSpec, Steps, StepSpec, parse_branches, resolve_blocks
 
 if TYPE_CHECKING:
     from ditf.massive.session import Session
@@ -131,6 +132,9 @@ class Action(ABC):
 
     def finish(self, session: Session) -> None:
         """Check that the action did what it was scoped to do; raise otherwise."""
+
+    def abandon(self) -> None:
+        """Release what the action holds (e.g. a half-written file) when its session ends with an error."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Channel selectors: which channels of a block call's activations an action changes.
 
-A selector is resolved per block call on that call's own activations x (B, N, C), so 'auto' finds each
-block's (and step's, and branch's) massive channels in the very stream being changed, and control sets
-are sized like them.
+A selector picks channels from the per-channel statistics (`ChannelStats`) of one block, step and branch. Fixed
+sets (`ExplicitChannels`, `AllChannels`) need only the width C. Detected sets and their controls
+(`DetectedChannels`, `ControlChannels`) need statistics, and which statistics is the caller's choice: an `Edit`
+reads them from a clean reference pass (the unmodified stream, see `ditf.massive.reference`), so the disruption and
+its controls cover the same calls; Detail Guidance reads block m's input of its own clean forward.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from ditf.channels import check_channels
 from ditf.errors import InvalidArgumentError
 from ditf.massive.detect import (
     DetectionRule,
@@ -24,31 +27,50 @@ from ditf.massive.detect import (
     magnitude_matched_channels,
     random_k_channels,
 )
-from ditf.massive.scopes import parse_indices
-from ditf.channels import check_channels
-from ditf.massive.stats import channel_stats
+from ditf.indices import parse_indices
+from ditf.massive.stats import ChannelStats, channel_stats
 
 
 class ChannelSelector(ABC):
-    """Picks channels from the activations x (B, N, C) of one block call (per block and step)."""
+    """Picks channels of a stream with C channels, from that stream's per-channel statistics when it needs them."""
+
+    needs_statistics: ClassVar[bool] = False
+    """True when `select` needs `ChannelStats` (detected sets and their controls); False for fixed sets."""
 
     @abstractmethod
-    def select(self, x: torch.Tensor) -> list[int]:
-        """Sorted channel indices for activations x (B, N, C)."""
+    def select(self, num_channels: int, stats: ChannelStats | None = None) -> list[int]:
+        """Sorted channel indices among C = `num_channels`, from `stats` (required when `needs_statistics`)."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """The selector's rule and parameters, JSON-able."""
 
+    def select_in(self, x: torch.Tensor) -> list[int]:
+        """Sorted channel indices for activations x (B, N, C), from the statistics of x itself."""
+        return self.select(x.shape[-1], channel_stats(x) if self.needs_statistics else None)
+
+    def _statistics(self, stats: ChannelStats | None, num_channels: int) -> ChannelStats:
+        if stats is None:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} picks channels from statistics of the stream; pass the ChannelStats of the "
+                "block call (e.g. from a clean reference pass)."
+            )
+        if stats.num_channels != num_channels:
+            raise InvalidArgumentError(
+                f"the statistics have C={stats.num_channels} channels but the stream has C={num_channels}; use "
+                "statistics recorded at the same hook point of the same model."
+            )
+        return stats
+
 
 @dataclass(frozen=True)
 class ExplicitChannels(ChannelSelector):
-    """A fixed list of channels (checked against the model's width when first used)."""
+    """A fixed list of channels (checked against the model's width C)."""
 
     channels: tuple[int, ...]
 
-    def select(self, x: torch.Tensor) -> list[int]:
-        return sorted(check_channels(self.channels, x.shape[-1]))
+    def select(self, num_channels: int, stats: ChannelStats | None = None) -> list[int]:
+        return sorted(check_channels(self.channels, num_channels))
 
     def describe(self) -> dict[str, Any]:
         return {"selector": "explicit", "channels": list(self.channels)}
@@ -56,16 +78,17 @@ class ExplicitChannels(ChannelSelector):
 
 @dataclass(frozen=True)
 class DetectedChannels(ChannelSelector):
-    """Massive channels detected on the fly in the very activations being changed (per block, step, branch).
+    """Massive channels found by a detection rule in the statistics of one block, step and branch.
 
     `rule` is a `ditf.massive.detect` rule; the default `RatioRule(100)` flags channels whose median
     |x| over tokens is >= 100x the median over channels (DiTF style); `TopKRule(k)` is Turri et al.'s.
     """
 
     rule: DetectionRule = field(default_factory=RatioRule)
+    needs_statistics: ClassVar[bool] = True
 
-    def select(self, x: torch.Tensor) -> list[int]:
-        return self.rule.detect(channel_stats(x))
+    def select(self, num_channels: int, stats: ChannelStats | None = None) -> list[int]:
+        return self.rule.detect(self._statistics(stats, num_channels))
 
     def describe(self) -> dict[str, Any]:
         return {"selector": "detected", **self.rule.describe()}
@@ -75,10 +98,10 @@ class DetectedChannels(ChannelSelector):
 class ControlChannels(ChannelSelector):
     """A control set for a comparison: `bottom`-k, `random`-k or `matched` (magnitude-matched) channels.
 
-    Its size is `k`, or (k=None) the size of the set `like` selects in the same activations, so each
-    control is "an equally-sized set" (Turri et al.). `statistic` ranks channels for bottom-k and
-    matching (mean |x| over tokens by default). `matched` picks, for every channel of `like`'s set,
-    the unused channel with the nearest log-magnitude (the DG reviewers' magnitude-matched control;
+    Its size is `k`, or (k=None) the size of the set `like` selects from the same statistics, so each
+    control is "an equally-sized set" (Turri et al.) and never overlaps it. `statistic` ranks channels for
+    bottom-k and matching (mean |x| over tokens by default). `matched` picks, for every channel of `like`'s
+    set, the unused channel with the nearest log-magnitude (the DG reviewers' magnitude-matched control;
     massive channels are outliers, so the match is the closest available, not equal).
     """
 
@@ -87,6 +110,7 @@ class ControlChannels(ChannelSelector):
     like: ChannelSelector = field(default_factory=DetectedChannels)
     statistic: str = "mean_abs"
     seed: int = 0
+    needs_statistics: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("bottom", "random", "matched"):
@@ -94,15 +118,15 @@ class ControlChannels(ChannelSelector):
         if self.kind == "matched" and self.k is not None:
             raise InvalidArgumentError("a magnitude-matched control takes its size from `like`; leave k=None.")
 
-    def select(self, x: torch.Tensor) -> list[int]:
-        reference = self.like.select(x)
-        stats = channel_stats(x)
+    def select(self, num_channels: int, stats: ChannelStats | None = None) -> list[int]:
+        stats = self._statistics(stats, num_channels)
+        reference = self.like.select(num_channels, stats)
         if self.kind == "matched":
             return magnitude_matched_channels(stats.statistic(self.statistic), reference, seed=self.seed)
         k = len(reference) if self.k is None else self.k
         if self.kind == "bottom":
             return bottom_k_channels(stats.statistic(self.statistic), k, exclude=reference)
-        return random_k_channels(x.shape[-1], k, seed=self.seed, exclude=reference)
+        return random_k_channels(num_channels, k, seed=self.seed, exclude=reference)
 
     def describe(self) -> dict[str, Any]:
         return {"selector": self.kind, "k": self.k, "like": self.like.describe(), "statistic": self.statistic, "seed": self.seed}
@@ -112,8 +136,8 @@ class ControlChannels(ChannelSelector):
 class AllChannels(ChannelSelector):
     """Every channel."""
 
-    def select(self, x: torch.Tensor) -> list[int]:
-        return list(range(x.shape[-1]))
+    def select(self, num_channels: int, stats: ChannelStats | None = None) -> list[int]:
+        return list(range(num_channels))
 
     def describe(self) -> dict[str, Any]:
         return {"selector": "all"}

@@ -6,6 +6,11 @@ Order of operations (as the third-party reproduction of Turri et al.'s Fig. 3 pi
 3. K-means (K = 2 by default) on the k-dimensional token vectors;
 4. heat map s = mean of the normalised channels per token; foreground = the cluster whose tokens
    have the higher mean s.
+
+Step 2 normalises magnitudes |x| by default (our choice; the reproduction normalises signed values). Massive
+channels often have opposite signs (FLUX.1-dev's 154 and 1446): on signed values a token high on one is low on
+the other, the heat map s is nearly flat, and which cluster is the foreground flips with noise. `signed=True`
+gives the reproduction's variant.
 """
 
 from __future__ import annotations
@@ -120,17 +125,16 @@ def cluster_massive_tokens(
     num_clusters: int = 2,
     seed: int = 0,
     restarts: int = 4,
-    use_magnitude: bool = False,
+    signed: bool = False,
 ) -> ClusterMasks:
     """Cluster image tokens on their massive channels into a foreground mask and a heat map.
 
     x: (N, C) or (1, N, C) image-token activations of one block and step; channels: the MA channel
     indices; grid_hw: (h, w) with h*w = N, row-major. Returns masks on the (h, w) token grid.
 
-    By default the signed values are normalised, as in the reproduction. MA channels of opposite
-    sign then cancel in the heat map s (a token high on one is low on the other), which can make the
-    foreground choice arbitrary; `use_magnitude=True` normalises |x| instead, so s ranks tokens by
-    MA strength. The K-means partition is the same either way unless a channel changes sign.
+    By default each channel's magnitude |x| is min-max normalised, so s ranks tokens by MA strength whatever
+    the channels' signs, and flipping a channel's sign changes nothing. `signed=True` normalises the signed
+    values (the reproduction's choice); channels of opposite sign then cancel in s.
     """
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
@@ -144,7 +148,7 @@ def cluster_massive_tokens(
     if not channel_list:
         raise InvalidArgumentError("channels is empty; pass the MA channels to cluster on (at least one).")
     selected = x.detach()[:, channel_list].double()
-    normalised = minmax_per_channel(selected.abs() if use_magnitude else selected)
+    normalised = minmax_per_channel(selected if signed else selected.abs())
     labels, _, inertia = kmeans(normalised, num_clusters, seed=seed, restarts=restarts)
     score = normalised.mean(dim=1)
     cluster_scores = torch.stack(

@@ -246,35 +246,42 @@ def detect_table(table: StatsTable, rule: DetectionRule) -> Detections:
 # Stability of channel sets
 
 
-def jaccard(first: Iterable[int], second: Iterable[int]) -> float:
-    """|A ∩ B| / |A ∪ B| of two channel sets; two empty sets count as identical (1.0)."""
+def jaccard(first: Iterable[int], second: Iterable[int]) -> float | None:
+    """|A ∩ B| / |A ∪ B| of two channel sets; None (undefined, a missing value) when both are empty."""
     a, b = set(first), set(second)
     union = a | b
-    return 1.0 if not union else len(a & b) / len(union)
+    return None if not union else len(a & b) / len(union)
 
 
 def jaccard_matrix(sets: Sequence[Iterable[int]]) -> torch.Tensor:
-    """Pairwise Jaccard indices of channel sets, shape (n, n), float64, ones on the diagonal."""
+    """Pairwise Jaccard indices of channel sets, shape (n, n), float64; NaN where both sets are empty (undefined,
+    the diagonal of an empty set included), else 1 on the diagonal."""
     frozen = [set(s) for s in sets]
     n = len(frozen)
-    matrix = torch.ones(n, n, dtype=torch.float64)
+    matrix = torch.empty(n, n, dtype=torch.float64)
     for i in range(n):
-        for j in range(i + 1, n):
-            matrix[i, j] = matrix[j, i] = jaccard(frozen[i], frozen[j])
+        for j in range(i, n):
+            value = jaccard(frozen[i], frozen[j])
+            matrix[i, j] = matrix[j, i] = float("nan") if value is None else value
     return matrix
 
 
-def mean_pairwise_jaccard(matrix: torch.Tensor) -> float | None:
-    """Mean of the off-diagonal entries of a Jaccard matrix (n, n); None when n < 2."""
+def off_diagonal_values(matrix: torch.Tensor) -> torch.Tensor:
+    """The defined (non-NaN) off-diagonal entries of a Jaccard matrix (n, n), as a 1-D tensor."""
     n = matrix.shape[0]
-    if n < 2:
-        return None
-    off_diagonal = ~torch.eye(n, dtype=torch.bool)
-    return float(matrix[off_diagonal].mean())
+    values = matrix[~torch.eye(n, dtype=torch.bool)]
+    return values[~values.isnan()]
+
+
+def mean_pairwise_jaccard(matrix: torch.Tensor) -> float | None:
+    """Mean of the defined off-diagonal entries of a Jaccard matrix (n, n); None when there is none (n < 2, or
+    every pair of sets is empty)."""
+    values = off_diagonal_values(matrix)
+    return float(values.mean()) if values.numel() else None
 
 
 class Stability(NamedTuple):
-    """Jaccard matrix of the sets found at `labels` (steps, blocks or runs)."""
+    """Jaccard matrix of the sets found at `labels` (steps, blocks or runs); NaN where undefined (two empty sets)."""
 
     labels: list[Any]
     matrix: torch.Tensor  # (n, n) float64
@@ -325,7 +332,7 @@ class AdalnAlignment:
 
     ma_channels: list[int]
     gate_peaks: list[int]
-    gate_jaccard: float
+    gate_jaccard: float | None
     gate_recall: float
     scale_peaks: list[int] | None = None
     scale_jaccard: float | None = None
@@ -369,7 +376,7 @@ def adaln_alignment(
         )
     k = len(channels) if k is None else _check_k(k, num_channels, "peaks")
 
-    def overlap(peaks: list[int]) -> tuple[float, float]:
+    def overlap(peaks: list[int]) -> tuple[float | None, float]:
         recall = len(set(peaks) & set(channels)) / len(channels) if channels else 0.0
         return jaccard(peaks, channels), recall
 

@@ -2,21 +2,27 @@
 
 At every denoising step in the window, the conditional prediction D = D_theta(z_t, t, c) is joined by
 a detail-deficient prediction D_m: the same forward pass with the massive channels of block m's image
-stream disrupted (zeroed by default). The pipeline then receives
+stream disrupted (zeroed by default). The result is the paper's
 
-    D_hat = D + w * (D - D_m)                                  (no CFG)
+    D_hat = D + w (D - D_m)                                       (no unconditional branch)
+    D_hat = D + lambda (D - D_uncond) + w (D - D_m)               (CFG, lambda = g - 1)
 
-and, when the pipeline also runs classifier-free guidance with scale g (diffusers combines
-u + g * (c - u) = c + (g - 1)(c - u)), pass `cfg_scale=g`: the DG term is divided by g before the
-pipeline's combination, so the result is the paper's  D + lambda (D - D_uncond) + w (D - D_m)  with
-lambda = g - 1. Only the conditional branch gets the DG term (as in the paper's formula).
+whatever the pipeline does: diffusers combines CFG as u + g (c - u) = c + (g - 1)(c - u), so when the
+pipeline call runs an unconditional branch the conditional prediction receives (w / g)(D - D_m), and the
+pipeline's own combination turns it into w (D - D_m). g is read from the pipeline call (the family adapter's
+`CfgLayout.scale_argument`, e.g. `guidance_scale` for SD3 and PixArt, `true_cfg_scale` with a negative prompt for
+FLUX.1) or, for pipelines ditf does not know, from the pipeline's `guidance_scale` state; with no
+unconditional branch (FLUX.1-dev's embedded guidance, `guidance_scale` <= 1) nothing is divided.
+Only the conditional branch gets the DG term (as in the paper's formula). Qwen-Image rescales its CFG result
+to the norm of the conditional prediction, so there the DG term is approximate.
 
 Not published by the paper, hence parameters without hidden defaults: the layer m, the scale w, the
 active step window, the disruption (the ICLR version zeroes; the extended version scales by a
 retention rho_t whose schedule is unknown: pass `op=ScaleOp(rho)` with a function of t), and which
-channels are massive (default: detected per call by `RatioRule`; DiTF's FLUX.1-dev channels are
-154 and 1446). The extended version's "partial forward" (reusing the clean pass up to block m) needs
-each family's forward tail, so D_m here is a full second forward pass (twice the cost inside the window).
+channels are massive (default: detected by `RatioRule` on block m's input of the very forward that
+D_m repeats, i.e. of the unmodified conditional stream; DiTF's FLUX.1-dev channels are 154 and 1446).
+The extended version's "partial forward" (reusing the clean pass up to block m) needs each family's forward
+tail, so D_m here is a full second forward pass (twice the cost inside the window).
 """
 
 from __future__ import annotations
@@ -34,27 +40,25 @@ from ditf.massive.session import Session
 
 
 class DetailGuidance(ScopedAction):
-    """Add w (D - D_m) to the conditional prediction at the steps in `steps`.
+    """Add w (D - D_m) to the pipeline's prediction at the steps in `steps`.
 
     block: m, the global block index whose input gets the disruption; weight: w (0 reproduces the
-    unguided output exactly); channels: the massive channels at block m (see `parse_channels`);
-    op: the disruption ('zero', 'scale:0.1', an `Op`, ...); cfg_scale: the pipeline's CFG scale g,
-    when it runs CFG (see the module docstring).
+    unguided output exactly); channels: the massive channels at block m (see `parse_channels`; detected ones
+    come from block m's input of the clean conditional forward); op: the disruption ('zero', 'scale:0.1', an
+    `Op`, ...). The CFG scale is read from the pipeline call (see the module docstring); the weight applied to
+    the conditional prediction is logged per step (`applied_weight` = w / g under CFG, w without).
     """
 
     wants_transformer_output = True
 
     def __init__(self, block: int, weight: float, *, steps: StepSpec = "all", channels: ChannelSpec = "auto",
-                 op: Op | str = "zero", cfg_scale: float | None = None):
+                 op: Op | str = "zero"):
         super().__init__(blocks=[block], steps=steps, branch="cond")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise InvalidArgumentError(f"weight={weight!r} must be a number (the DG scale w).")
-        if cfg_scale is not None and not cfg_scale > 0:
-            raise InvalidArgumentError(f"cfg_scale={cfg_scale!r} must be > 0 (the pipeline's guidance scale g).")
         self.weight = float(weight)
-        self.cfg_scale = cfg_scale
         self.disruption = Edit(parse_op(op) if isinstance(op, str) else op, channels, blocks=[block], steps=steps,
-                               branch="detail")
+                               branch="detail", reference="live")
 
     def children(self) -> list[Action]:
         return [self.disruption]
@@ -66,21 +70,28 @@ class DetailGuidance(ScopedAction):
         state = session.state
         if not self.in_scope(state):
             return None
+        if not session.cfg_known:
+            raise InvalidArgumentError(
+                f"Detail Guidance cannot tell whether {type(session.pipeline).__name__} runs classifier-free guidance "
+                "in this call, so it cannot scale its term to mean w: pass intervene(..., cfg_layout=CfgLayout(kind, "
+                "scale_argument='<the pipeline argument holding the CFG scale>'))."
+            )
         rows = dict(state.rows)["cond"]
         with session.auxiliary("detail"), torch.no_grad():
             degraded = session.transformer(*args, **kwargs)
         prediction, disrupted = _prediction(output), _prediction(degraded)
-        weight = self.weight / self.cfg_scale if self.cfg_scale else self.weight
+        weight = self.weight / session.cfg_scale if session.cfg_scale else self.weight
         clean = prediction[rows].float()
         guided = prediction.clone()
         guided[rows] = (clean + weight * (clean - disrupted[rows].float())).to(prediction.dtype)
-        self.mark(state, {"step": state.step, "t": state.t, "applied_weight": weight})
+        self.mark(state, {"run": state.run, "step": state.step, "t": state.t, "cfg_scale": session.cfg_scale,
+                          "applied_weight": weight})
         return _with_prediction(output, guided)
 
     def describe(self) -> dict[str, Any]:
         disruption = self.disruption.describe()
         return {"action": "DetailGuidance", "block": self.blocks[0] if self.blocks else None, "weight": self.weight,
-                "cfg_scale": self.cfg_scale, "disruption": {key: disruption[key] for key in disruption if key != "log"},
+                "disruption": {key: disruption[key] for key in disruption if key != "log"},
                 "disrupted_channels": [{"step": e["step"], "channels": e["channels"]} for e in self.disruption.log],
                 **self.scope(), "applied": self.applied, "log": self.log}
 

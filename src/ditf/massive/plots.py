@@ -376,14 +376,26 @@ def plot_jaccard_matrix(
     axis_label: str = "step",
     title: str | None = None,
 ) -> list[Path]:
-    """Heat map of a Jaccard matrix (n, n) between MA channel sets (stability across steps/blocks/runs)."""
+    """Heat map of a Jaccard matrix (n, n) between MA channel sets (stability across steps/blocks/runs).
+
+    NaN entries (two empty sets: the index is undefined) are drawn blank, without a number.
+    """
+    figure = jaccard_figure(matrix, labels, axis_label=axis_label, title=title)
+    with matplotlib.rc_context(_STYLE):
+        return save_figure(figure, path_stem)
+
+
+def jaccard_figure(matrix: ArrayLike, labels: Sequence[Any], *, axis_label: str = "step",
+                   title: str | None = None) -> Figure:
+    """The figure of `plot_jaccard_matrix` (undefined entries masked: blank cells, no number)."""
     values = _array(matrix, "matrix")
     if values.ndim != 2 or values.shape != (len(labels), len(labels)):
         raise InvalidArgumentError(f"matrix has shape {values.shape}; expected ({len(labels)}, {len(labels)}).")
     size = min(7.0, 2.4 + 0.3 * len(labels))
     with _figure(size + 0.8, size) as figure:
         axes = figure.add_subplot()
-        image = axes.imshow(values, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        colours = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+        image = axes.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=0, vmax=1, interpolation="nearest")
         ticks = np.arange(len(labels))
         step = max(1, len(labels) // 16)
         names = [str(label) for label in labels]
@@ -393,11 +405,13 @@ def plot_jaccard_matrix(
         if len(labels) <= 12:
             for i in range(len(labels)):
                 for j in range(len(labels)):
+                    if np.isnan(values[i, j]):
+                        continue
                     colour = "black" if values[i, j] > 0.6 else "white"
                     axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
         axes.set_xlabel(axis_label)
         axes.set_ylabel(axis_label)
         axes.spines[:].set_visible(True)
-        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="Jaccard index")
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="Jaccard index (blank: both sets empty)")
         axes.set_title(title or f"Stability of the MA set across {axis_label}s")
-        return save_figure(figure, path_stem)
+        return figure

@@ -9,11 +9,15 @@ Hook points per block k (global index, see `ArchSpec.blocks`):
 
 Streams are reduced on the fly to per-channel statistics (`ChannelStats`, one per block, step and
 branch; memory O(C) each) unless `full=True` keeps the tensors (on the CPU). AdaLN vectors are small
-and always kept whole.
+and always kept whole. Whole tensors add up (FLUX.1-dev at 1024 px: 4096 tokens x 3072 channels per block and
+step, ~40 GB for 57 blocks and 28 steps in bf16), so a `LargeRecordingWarning` gives the estimated size before a
+recording of whole tensors above `warn_bytes` starts; transport sources keep only their channels
+(`ditf.massive.sources`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +25,12 @@ from typing import Any
 import torch
 
 from ditf.errors import InvalidArgumentError
+from ditf.indices import format_indices
 from ditf.massive.actions import BlockCall, CallState, ScopedAction
-from ditf.massive.scopes import BlockSpec, StepSpec, format_indices
+from ditf.massive.scopes import BlockSpec, StepSpec
 from ditf.massive.session import Session
-from ditf.massive.stats import ChannelStats, StatsTable, channel_stats
+from ditf.massive.stats import ChannelStats, StatsTable, StatsWorkspace, channel_stats
+from ditf.massive.tensorstore import format_bytes
 
 STREAM_POINTS: tuple[str, ...] = ("image", "text", "output")
 MODULATION_POINTS: tuple[str, ...] = ("shift", "scale", "gate")
@@ -33,6 +39,35 @@ POINTS: tuple[str, ...] = STREAM_POINTS + MODULATION_POINTS
 
 TensorKey = tuple[str, int, int, str]
 """(point, block, step, branch)."""
+
+WARN_BYTES = 1e9
+"""Default size above which recording whole tensors warns first (1 GB)."""
+
+
+class LargeRecordingWarning(UserWarning):
+    """A recording of whole tensors is about to need a lot of memory or disk; the message gives the estimate."""
+
+
+def estimated_cells(action: ScopedAction, session: Session, state: CallState) -> int:
+    """How many (block, step, branch) cells `action` will record in this run: its blocks x the steps in scope x the
+    branches it covers that the run has (cond, plus uncond when the run runs CFG)."""
+    total = state.total_steps
+    resolved = action.steps.resolved(total)
+    steps = len(resolved) if resolved is not None else total or len(action.steps.values) or 1
+    present = {"cond"} | ({"uncond"} if session.cfg_scale is not None else set()) | set(state.branches)
+    branches = len(present if action.branches is None else present & action.branches) or 1
+    return len(action.blocks) * steps * branches
+
+
+def warn_large_recording(what: str, cell_bytes: int, cells: int, limit: float, fix: str) -> None:
+    """Warn (`LargeRecordingWarning`) when `cells` cells of `cell_bytes` bytes each exceed `limit` bytes."""
+    total = cell_bytes * cells
+    if total > limit:
+        warnings.warn(
+            f"{what} will keep about {format_bytes(total)} ({cells} block x step x branch cells of "
+            f"{format_bytes(cell_bytes)}); {fix}",
+            LargeRecordingWarning, stacklevel=2,
+        )
 
 
 @dataclass
@@ -101,12 +136,14 @@ class Record(ScopedAction):
     branch: 'cond' (default), 'uncond', 'detail', 'all' or a list; each branch is recorded
     separately. full: keep whole stream tensors too (True, or a list of stream points); stats: compute
     per-channel statistics of streams; latest_only: keep only the latest step in scope (memory of one
-    step, e.g. whole tensors at the last of `steps`); device/dtype: where and how whole tensors are stored.
+    step, e.g. whole tensors at the last of `steps`); device/dtype: where and how whole tensors are stored;
+    warn_bytes: warn (`LargeRecordingWarning`, with the estimate) before keeping more whole tensors than this.
     """
 
     def __init__(self, points: Iterable[str] | str = ("image",), *, blocks: BlockSpec = "all", steps: StepSpec = "all",
                  branch: str | Iterable[str] = "cond", full: bool | Iterable[str] = False, stats: bool = True,
-                 latest_only: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                 latest_only: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 warn_bytes: float = WARN_BYTES):
         super().__init__(blocks=blocks, steps=steps, branch=branch)
         self.points = (points,) if isinstance(points, str) else tuple(points)
         unknown = [p for p in self.points if p not in POINTS]
@@ -127,13 +164,17 @@ class Record(ScopedAction):
         self.latest_only = latest_only
         self.device = torch.device(device)
         self.dtype = dtype
+        self.warn_bytes = warn_bytes
         self.recording = Recording()
         self._stats: dict[tuple[str, str], dict[tuple[int, int], list[ChannelStats]]] = {}
         self._latest_step = -1
+        self._warned = False
+        self._workspace = StatsWorkspace()
 
     # -------------------------------------------------------------- scope
     def bind(self, session: Session) -> None:
         super().bind(session)
+        self._session = session
         self.recording.meta.update({
             "model": type(session.transformer).__name__, "family": session.arch.family,
             "pipeline": type(session.pipeline).__name__ if session.pipeline is not None else None,
@@ -175,7 +216,16 @@ class Record(ScopedAction):
         if state.t is not None:
             self.recording.timesteps[state.step] = state.t
         if point in STREAM_POINTS and self.keep_stats:
-            self._stats.setdefault((point, branch), {}).setdefault((block, state.step), []).append(channel_stats(value))
+            table = self._stats.setdefault((point, branch), {})
+            table.setdefault((block, state.step), []).append(channel_stats(value, self._workspace))
+        if point in self.full_points and not self._warned:
+            self._warned = True
+            cells = 1 if self._keeps_latest_only(state) else estimated_cells(self, self._session, state)
+            bytes_per_value = torch.empty((), dtype=self.dtype or value.dtype).element_size()
+            warn_large_recording(f"Record(full={sorted(self.full_points)})", value.numel() * bytes_per_value
+                                 * len(self.full_points), cells,
+                                 self.warn_bytes, "record fewer blocks and steps, keep statistics only (full=False), "
+                                 "or record transport sources with their channels only (record_trajectory).")
         if point in MODULATION_POINTS or point in self.full_points:
             stored = value.detach().to(self.device, self.dtype or value.dtype, copy=True)
             key = (point, block, state.step, branch)

@@ -1,13 +1,15 @@
 """Scan reports (JSON + Markdown) and atomic file writing for massive-activation analyses.
 
 A scan report gathers, for one `StatsTable`: the channels each detection rule finds per block and
-step, the strongest channels with their statistics, the Jaccard stability of the detected sets
-across steps, blocks and runs (prompts or seeds), and the AdaLN alignment of the MA channels.
+step, the strongest channels with their statistics (signed mean included), the Jaccard stability of the
+detected sets across steps, blocks and runs (prompts or seeds; undefined, i.e. missing, where both sets are
+empty), and the AdaLN alignment of the MA channels. Its `meta` carries what reproduces the run (model reference,
+dtype, device, library versions, the guidance really used, the pipeline options), and it links every figure and
+the image.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -31,38 +33,15 @@ from ditf.massive.detect import (
     jaccard_across_runs,
     jaccard_across_steps,
     mean_pairwise_jaccard,
+    off_diagonal_values,
 )
 from ditf.massive.stats import Cell, StatsTable, depth_profile, step_profile
+from ditf.massive.stats_files import load_stats_table, save_stats_table
 
 REPORT_FORMAT = "ditf.massive.ScanReport"
 _MAX_LISTED_CHANNELS = 12
 _MAX_GRID_STEPS = 8
 _MAX_ALIGNMENT_ROWS = 60
-
-# ---------------------------------------------------------------------------------------------
-# Statistics files
-
-
-def save_stats_table(table: StatsTable, path: str | os.PathLike[str]) -> Path:
-    """Save a `StatsTable` as JSON (atomically); `load_stats_table` reads it back."""
-    return write_json_atomic(path, table.to_dict())
-
-
-def load_stats_table(path: str | os.PathLike[str]) -> StatsTable:
-    """Read a `StatsTable` written by `save_stats_table`."""
-    source = Path(path)
-    if not source.is_file():
-        raise InvalidArgumentError(
-            f"statistics file {str(source)!r} does not exist; pass a JSON file written by save_stats_table()."
-        )
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InvalidArgumentError(
-            f"statistics file {str(source)!r} is not valid JSON ({err}); rewrite it with save_stats_table()."
-        ) from err
-    return StatsTable.from_dict(data)
-
 
 # ---------------------------------------------------------------------------------------------
 # Building a report
@@ -95,6 +74,8 @@ class ScanReport:
     alignment_rule: str | None = None
     alignment: dict[Cell, AdalnAlignment | None] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
+    image: str | None = None
+    """The generated or scanned image, relative to the report."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (strict JSON: non-finite numbers are written as null)."""
@@ -122,6 +103,7 @@ class ScanReport:
                     for (b, s), result in sorted(self.alignment.items())
                 ],
             },
+            "image": self.image,
             "figures": self.figures,
         }
 
@@ -136,6 +118,7 @@ def _top_channel_rows(table: StatsTable, top_n: int) -> dict[Cell, list[dict[str
                 "channel": int(channel),
                 "ratio_to_median": _finite(ratio[channel]),
                 "median_abs": _finite(stats.median_abs[channel]),
+                "mean": _finite(stats.mean[channel]),
                 "mean_abs": _finite(stats.mean_abs[channel]),
                 "abs_mean": _finite(stats.abs_mean[channel]),
                 "max_abs": _finite(stats.max_abs[channel]),
@@ -146,11 +129,13 @@ def _top_channel_rows(table: StatsTable, top_n: int) -> dict[Cell, list[dict[str
 
 
 def _summarise(matrix: torch.Tensor) -> dict[str, float | None]:
-    n = matrix.shape[0]
-    off_diagonal = matrix[~torch.eye(n, dtype=torch.bool)]
+    """Mean and min of the defined pairwise Jaccard indices (None when no pair has a defined index)."""
+    defined = off_diagonal_values(matrix)
     return {
         "mean_jaccard": mean_pairwise_jaccard(matrix),
-        "min_jaccard": float(off_diagonal.min()) if n > 1 else None,
+        "min_jaccard": float(defined.min()) if defined.numel() else None,
+        "pairs": int(matrix.shape[0] * (matrix.shape[0] - 1) // 2),
+        "undefined_pairs": int((matrix.shape[0] * (matrix.shape[0] - 1) - defined.numel()) // 2),
     }
 
 
@@ -180,13 +165,15 @@ def build_scan_report(
     top_n: int = 5,
     figures: Sequence[str | os.PathLike[str]] = (),
     meta: Mapping[str, Any] | None = None,
+    image: str | os.PathLike[str] | None = None,
 ) -> ScanReport:
     """Detect, rank, compare and align everything in `table` into a `ScanReport`.
 
     rules: detection rules (e.g. `RatioRule()`, `SunRule()`, `TopKRule(k=12)`); the first one's
     channels are used for AdaLN alignment. adaln: optional (block, step) -> (gate (C,), scale (C,) or
     None) for the cells to align. runs: optional per-prompt or per-seed tables (label -> table) for
-    the across-runs Jaccard. meta: provenance merged over `table.meta`.
+    the across-runs Jaccard. meta: provenance merged over `table.meta`. figures, image: paths relative to the
+    report, linked from it.
     """
     if not rules:
         raise InvalidArgumentError("rules is empty; pass at least one rule, e.g. [RatioRule(), SunRule()].")
@@ -224,6 +211,7 @@ def build_scan_report(
         alignment_rule=labels[0] if adaln else None,
         alignment=alignment,
         figures=[str(path) for path in figures],
+        image=None if image is None else str(image),
     )
 
 
@@ -282,8 +270,15 @@ def _detection_lines(report: ScanReport, label: str) -> list[str]:
 def render_markdown(report: ScanReport, title: str = "Massive-activation scan") -> str:
     """The human-readable summary of a scan report."""
     lines = [f"# {title}", ""]
+    if report.image:
+        lines += [f"![generated image]({report.image})", ""]
     if report.meta:
-        lines += _table(["setting", "value"], [[key, value] for key, value in report.meta.items()])
+        lines += ["## Run", ""]
+        lines += _table(["setting", "value"], [[key, _setting(value)] for key, value in report.meta.items()])
+    lines += ["## Detection rules", ""]
+    lines += [f"- `{label}`: {_setting({k: v for k, v in rule.items() if k != 'rule'}) or 'no parameters'}"
+              for label, rule in report.rules.items()]
+    lines += [""]
     lines += [
         f"- channels per token: {report.num_channels}",
         f"- blocks: {report.blocks[0]}–{report.blocks[-1]} ({len(report.blocks)} recorded)",
@@ -300,11 +295,13 @@ def render_markdown(report: ScanReport, title: str = "Massive-activation scan") 
     rows = []
     for block in report.blocks:
         for entry in report.top_channels.get((block, last_step), [])[:3]:
-            statistics = [entry[key] for key in ("ratio_to_median", "median_abs", "mean_abs", "max_abs")]
+            statistics = [entry[key] for key in ("ratio_to_median", "mean", "mean_abs", "median_abs", "max_abs")]
             rows.append([block, entry["channel"], *statistics])
-    lines += _table(["block", "channel", "median ratio", "median abs", "mean abs", "max abs"], rows)
+    lines += _table(["block", "channel", "median ratio", "mean (signed)", "mean abs", "median abs", "max abs"], rows)
 
-    lines += ["## Stability of the detected sets (Jaccard)", ""]
+    lines += ["## Stability of the detected sets (Jaccard)", "",
+              "Pairs where both sets are empty have no Jaccard index; they are left out of the means (– when no pair "
+              "is left).", ""]
     for label, stability in report.stability.items():
         lines += [f"### {label}", ""]
         if not stability["cells_with_channels"]:
@@ -355,9 +352,21 @@ def render_markdown(report: ScanReport, title: str = "Massive-activation scan") 
 
     if report.figures:
         lines += ["## Figures", ""]
-        lines += [f"![{Path(path).stem}]({path})" for path in report.figures if str(path).endswith(".png")]
-        lines += [""]
+        for path in report.figures:
+            if str(path).endswith(".png"):
+                pdf = str(Path(path).with_suffix(".pdf"))
+                also = f" ([PDF]({pdf}))" if pdf in report.figures else ""
+                lines += [f"![{Path(path).stem}]({path}){also}", ""]
     return "\n".join(lines)
+
+
+def _setting(value: Any) -> str:
+    """A setting for the Markdown table: dicts as `key: value; ...`, lists comma-separated."""
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {_setting(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_setting(item) for item in value)
+    return _fmt(value) if isinstance(value, float) or value is None else str(value)
 
 
 def write_scan_report(

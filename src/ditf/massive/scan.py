@@ -9,8 +9,10 @@ Two modes:
 
 Reduced statistics are kept for every block and step; whole tensors only at a few `plot_blocks` at the
 last recorded step (for the surface, channel maps and K-means masks). Output folder:
-`massive_report.json` / `.md` (detected channels per block and step, stability, AdaLN alignment),
-`stats.json` (the StatsTable), `image.png` (what was generated or scanned), `figures/` (PNG + PDF).
+`massive_report.json` / `.md` (what reproduces the run, detected channels per block and step, stability, AdaLN
+alignment, links to the image and every figure), `stats.json` + `stats.safetensors` (the StatsTable: index and
+vectors; `load_stats_table` reads it, e.g. for `MeanOp`), `image.png` (what was generated or scanned), `figures/`
+(PNG + PDF).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from ditf.errors import InvalidArgumentError
 from ditf.massive import plots
 from ditf.massive.clustering import cluster_massive_tokens
 from ditf.massive.detect import DetectionRule, RatioRule, SunRule, detect_table, top_k_channels
-from ditf.massive.generate import check_image_size, pipeline_settings, progress_bars, save_image_atomic
+from ditf.massive.generate import save_image_atomic
+from ditf.massive.preflight import check_plan, outline_pipeline
 from ditf.massive.record import Record, Recording
-from ditf.massive.report import ScanReport, build_scan_report, save_stats_table, write_scan_figures, write_scan_report
+from ditf.massive.report import ScanReport, build_scan_report, write_scan_figures, write_scan_report
+from ditf.massive.sampling import check_image_size, check_pipeline_kwargs, pipeline_settings, progress_bars, provenance, seeded
 from ditf.massive.scopes import BRANCHES, BlockSpec, StepSpec, resolve_blocks
 from ditf.massive.session import intervene
 from ditf.massive.stats import Cell
-from ditf.massive.transport import seeded
+from ditf.massive.stats_files import save_stats_table
 from ditf.registry import Preset
 
 DEFAULT_RULES: tuple[DetectionRule, ...] = (RatioRule(), SunRule())
@@ -71,14 +75,17 @@ def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = No
          guidance: float | None = None, guidance_scale: float | None = None,
          rules: Sequence[DetectionRule] = DEFAULT_RULES, plot_blocks: BlockSpec | None = None,
          out_dir: str | os.PathLike[str] | None = None, preset: Preset | None = None, model: str | None = None,
-         progress: bool = True, **pipe_kwargs: Any) -> ScanResult:
+         signed_clusters: bool = False, progress: bool = True, **pipe_kwargs: Any) -> ScanResult:
     """Scan `pipe`'s DiT for massive activations; write the report to `out_dir` when given.
 
     Generation mode uses prompt, num_inference_steps, height, width, guidance_scale (the pipeline's
-    argument; pipeline defaults when None) and `pipe_kwargs`. Image mode uses image, t (0..1000), resolution
-    (long side, default: preset) and guidance (the embedded guidance of FLUX.1-dev / FLUX.2-dev; default: the
-    model's), resolved into `FeatureSettings` with the model's `preset` (`model` is its reference, recorded).
-    blocks / steps / branch choose what is recorded; plot_blocks where whole tensors are kept.
+    argument; pipeline defaults when None) and `pipe_kwargs` (further pipeline arguments, recorded). Image mode
+    uses image, t (0..1000), resolution (long side, default: preset) and guidance (the embedded guidance of
+    FLUX.1-dev / FLUX.2-dev; default: the model's), resolved into `FeatureSettings` with the model's `preset`.
+    model: the model reference recorded in the report (default: the pipeline's `_name_or_path`). blocks / steps /
+    branch choose what is recorded (an 'uncond' scan of a run without an unconditional branch is refused before
+    sampling); plot_blocks where whole tensors are kept. signed_clusters: K-means masks on signed values instead
+    of magnitudes (see `cluster_massive_tokens`).
     """
     if branch not in BRANCHES:
         raise InvalidArgumentError(f"branch={branch!r}; a scan records one branch: {', '.join(BRANCHES)}.")
@@ -86,6 +93,8 @@ def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = No
         raise InvalidArgumentError("t applies to single-image scans (--image); a generation scan follows the sampler's schedule.")
     if image is not None and t is None:
         raise InvalidArgumentError("an image scan needs t, the timestep in 0..1000 to noise the image to (DiTF uses 261).")
+    if image is not None and branch != "cond":
+        raise InvalidArgumentError(f"branch={branch!r}: an image scan runs one conditional forward; record branch='cond'.")
     if image is not None and steps != "all":
         raise InvalidArgumentError("an image scan runs one forward (step 0); leave steps='all'.")
     arch = arch_for(pipe.transformer, getattr(pipe, "vae", None))
@@ -97,31 +106,35 @@ def scan(pipe: Any, *, prompt: str = "", image: Any = None, t: float | None = No
     statistics = Record(points=("image", "shift", "scale", "gate"), blocks=chosen, steps=steps, branch=branch)
     tensors = Record(points=("image",), blocks=shown, steps=steps, branch=branch, full=True, stats=False, latest_only=True)
     if image is None:
+        check_pipeline_kwargs(pipe_kwargs, "scan()")
         settings = pipeline_settings(num_inference_steps, height, width, guidance_scale)
         check_image_size(settings, arch.stride)
+        check_plan(outline_pipeline(pipe), given={**settings, **pipe_kwargs}, steps=steps, branch=branch)
         picture, meta = _run_generation(pipe, [statistics, tensors], prompt=prompt, seed=seed, progress=progress,
                                         settings=settings, pipe_kwargs=pipe_kwargs)
         grid = (picture.height // arch.stride, picture.width // arch.stride)
     else:
-        if guidance_scale is not None:
-            raise InvalidArgumentError("guidance_scale is the pipeline's argument for generation scans; an image scan "
-                                       "takes the embedded guidance as guidance=.")
+        if guidance_scale is not None or pipe_kwargs:
+            raise InvalidArgumentError("guidance_scale and pipeline arguments apply to generation scans; an image scan "
+                                       f"runs one forward (got {sorted(pipe_kwargs) or 'guidance_scale'}) and takes "
+                                       "the embedded guidance as guidance=.")
         picture, grid, meta = _run_image(pipe, [statistics, tensors], image=image, t=t, prompt=prompt, seed=seed,
                                          resolution=resolution, guidance=guidance, preset=preset, model=model)
-    meta.update(branch=branch, model=type(pipe.transformer).__name__, family=arch.family)
+    meta = {**provenance(pipe, model), **meta, "branch": branch, "family": arch.family,
+            "clusters": "K-means (K=2) on min-max normalised " + ("signed values" if signed_clusters else "magnitudes |x|")}
     return analyse(statistics.recording, tensors.recording, grid, rules, meta=meta, branch=branch, image=picture,
-                   out_dir=out_dir, progress=progress)
+                   out_dir=out_dir, progress=progress, signed_clusters=signed_clusters)
 
 
 def _run_generation(pipe: Any, records: list[Record], *, prompt: str, seed: int, progress: bool,
                     settings: dict[str, Any], pipe_kwargs: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
-    if "output_type" in pipe_kwargs:
-        raise InvalidArgumentError("scan keeps the generated image as PIL; do not pass output_type.")
-    with progress_bars(pipe, progress), intervene(pipe, records):
+    with progress_bars(pipe, progress), intervene(pipe, records) as session:
         output = pipe(prompt=prompt, **seeded({**settings, **pipe_kwargs, "output_type": "pil"}, seed))
     picture = output.images[0]
-    meta = {"mode": "generation", "prompt": prompt, "seed": seed, "pipeline": type(pipe).__name__, **settings,
-            "image_size": [picture.height, picture.width]}
+    options = {key: value if isinstance(value, (str, int, float, bool, type(None), list)) else repr(value)
+               for key, value in pipe_kwargs.items()}
+    meta = {"mode": "generation", "prompt": prompt, "seed": seed, **settings, "pipeline_options": options,
+            "guidance": session.runs[-1] if session.runs else None, "image_size": [picture.height, picture.width]}
     return picture, meta
 
 
@@ -145,7 +158,8 @@ def _run_image(pipe: Any, records: list[Record], *, image: Any, t: float, prompt
     pixels = ((prepared.pixels[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     record = {k: v for k, v in settings.to_dict().items() if k not in ("block", "ensemble", "normalize", "modulate",
                                                                       "discard", "massive_ratio")}
-    meta = {"mode": "image", "image": prepared.name, **record, "image_size": list(prepared.resized_size)}
+    meta = {"mode": "image", "image": prepared.name, **record, "image_size": list(prepared.resized_size),
+            "guidance": {"embedded": settings.guidance, "cfg_scale": None, "unconditional_branch": False}}
     return Image.fromarray(pixels), featurizer.arch.token_grid(tuple(latents.clean.shape[-2:])), meta
 
 
@@ -160,9 +174,11 @@ def _adaln(recording: Recording, cells: Sequence[Cell], branch: str) -> dict[Cel
 
 def analyse(recording: Recording, plot_tensors: Recording, grid: tuple[int, int], rules: Sequence[DetectionRule], *,
             meta: dict[str, Any], branch: str = "cond", image: Image.Image | None = None,
-            out_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> ScanResult:
+            out_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+            signed_clusters: bool = False) -> ScanResult:
     """Build the report of recorded statistics (and, with `out_dir`, write it with figures and statistics)."""
     table = recording.table("image", branch)
+    table.meta.update(meta)
     if not rules:
         raise InvalidArgumentError("rules is empty; pass at least one detection rule, e.g. RatioRule().")
     adaln = _adaln(recording, [cell for cell, _ in table.items()], branch)
@@ -170,12 +186,14 @@ def analyse(recording: Recording, plot_tensors: Recording, grid: tuple[int, int]
     figures: list[Path] = []
     if out_dir is not None:
         folder = Path(out_dir)
-        figures = _write_figures(table, plot_tensors, grid, rules[0], adaln, branch, folder / "figures", image, progress)
+        figures = _write_figures(table, plot_tensors, grid, rules[0], adaln, branch, folder / "figures", image, progress,
+                                 signed_clusters)
         if image is not None:
             files["image"] = save_image_atomic(image, folder / "image.png")
         files["stats"] = save_stats_table(table, folder / "stats.json")
     relative = [path.relative_to(Path(out_dir)) for path in figures] if out_dir is not None else []
-    report = build_scan_report(table, list(rules), adaln=adaln, figures=relative, meta=meta)
+    picture = "image.png" if out_dir is not None and image is not None else None
+    report = build_scan_report(table, list(rules), adaln=adaln, figures=relative, meta=meta, image=picture)
     if out_dir is not None:
         files.update(write_scan_report(report, out_dir))
         files["figures"] = figures
@@ -184,7 +202,7 @@ def analyse(recording: Recording, plot_tensors: Recording, grid: tuple[int, int]
 
 def _write_figures(table: Any, plot_tensors: Recording, grid: tuple[int, int], rule: DetectionRule,
                    adaln: dict[Cell, tuple[torch.Tensor, torch.Tensor]], branch: str, folder: Path,
-                   image: Image.Image | None, progress: bool) -> list[Path]:
+                   image: Image.Image | None, progress: bool, signed_clusters: bool) -> list[Path]:
     detections = detect_table(table, rule)
     written = write_scan_figures(table, detections, folder, blocks=plot_tensors.blocks, progress=progress)
     step = max(plot_tensors.steps)
@@ -208,13 +226,14 @@ def _write_figures(table: Any, plot_tensors: Recording, grid: tuple[int, int], r
                                              ma_channels=detections.get((block, step), []), scale=scale,
                                              title=f"|z| vs AdaLN gate and scale at {where}")
         if x.shape[0] >= 2:
-            clusters.append(cluster_massive_tokens(x, channels, grid))
+            clusters.append(cluster_massive_tokens(x, channels, grid, signed=signed_clusters))
             titles.append(f"block {block}")
     if clusters:
         picture = None if image is None else image.convert("RGB")
         written += plots.plot_cluster_masks(clusters, folder / f"cluster_masks_step{step}", titles=titles,
                                             image=None if picture is None else np.asarray(picture),
-                                            title=f"K-means (K=2) on massive channels, step {step}")
+                                            title=f"K-means (K=2) on massive channels ("
+                                                  f"{'signed values' if signed_clusters else 'magnitudes'}), step {step}")
     return written
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ditf.arch import ArchSpec
 from ditf.errors import InvalidArgumentError
+from ditf.indices import format_indices, parse_indices
 
 BRANCHES: tuple[str, ...] = ("cond", "uncond", "detail", "extra")
 """Names of the CFG branches a transformer call (or a batch half of one) can belong to.
@@ -31,49 +32,6 @@ StepSpec = str | int | Iterable[int]
 
 TokenSpec = str | torch.Tensor
 """'image' (every image token), 'text' (the text stream), or a bool (h, w) mask over image tokens."""
-
-
-# --------------------------------------------------------------------------------------- indices
-
-
-def parse_indices(text: str, name: str) -> list[int]:
-    """'5-20' | '3,7,9-11' | '-1' -> a list of ints (ranges inclusive); errors name the argument."""
-    values: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                split = part.index("-", 1)
-                start, stop = int(part[:split]), int(part[split + 1:])
-                if stop < start:
-                    raise ValueError(part)
-                values.extend(range(start, stop + 1))
-            else:
-                values.append(int(part))
-        except ValueError as err:
-            raise InvalidArgumentError(
-                f"{name}={text!r} is not a list of indices: use numbers and inclusive ranges such as '5-20' or '3,7,9-11'."
-            ) from err
-    if not values:
-        raise InvalidArgumentError(f"{name}={text!r} names no index; use e.g. '5-20', '3,7', 'all' or 'last'.")
-    return values
-
-
-def format_indices(values: Iterable[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (sorted, inclusive ranges)."""
-    ordered = sorted(set(int(v) for v in values))
-    parts: list[str] = []
-    start = previous = None
-    for value in ordered + [None]:
-        if start is not None and (value is None or value != previous + 1):
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-            start = None
-        if value is not None and start is None:
-            start = value
-        previous = value
-    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------------------- blocks
@@ -221,6 +179,6 @@ def describe_tokens(spec: TokenSpec) -> Any:
 
 
 __all__ = [
-    "BRANCHES", "BlockSpec", "StepSpec", "Steps", "TokenSpec", "check_tokens", "describe_tokens", "format_indices",
-    "parse_branches", "parse_indices", "resolve_blocks", "token_mask",
+    "BRANCHES", "BlockSpec", "StepSpec", "Steps", "TokenSpec", "check_tokens", "describe_tokens",
+    "parse_branches", "resolve_blocks", "token_mask",
 ]

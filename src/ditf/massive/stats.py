@@ -110,24 +110,53 @@ def channel_median(values: torch.Tensor) -> torch.Tensor:
     return values.median(dim=-1).values
 
 
-def channel_stats(x: torch.Tensor) -> ChannelStats:
+class StatsWorkspace:
+    """Two (C, N) fp32 matrices per shape and device, reused by `channel_stats` across calls.
+
+    Without them every call allocates both matrices anew; on the CPU, the small results kept between those
+    allocations fragment the heap, and memory grows by about a matrix per call while matrices are below glibc's
+    mmap threshold (32 MB: e.g. FLUX width at 256 px). A recorder of many calls keeps one workspace.
+    """
+
+    def __init__(self) -> None:
+        self._matrices: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def matrices(self, num_channels: int, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed, magnitude) buffers of shape (C, N), fp32, on `device`."""
+        key = (num_channels, num_tokens, device)
+        if key not in self._matrices:
+            self._matrices[key] = tuple(torch.empty(num_channels, num_tokens, device=device) for _ in range(2))
+        return self._matrices[key]
+
+
+def channel_stats(x: torch.Tensor, workspace: StatsWorkspace | None = None) -> ChannelStats:
     """Exact per-channel statistics of one forward's activations.
 
     x: (B, N, C) or (N, C) activations (any float dtype; computed in fp32). Returns `ChannelStats`
     with (C,) vectors: mean|x|, mean x, max|x|, median|x| and the 99.9th percentile of |x| over the
     B*N tokens (nearest rank: the ceil(0.999*n)-th smallest), plus the median of |x| over
-    every entry.
+    every entry. workspace: buffers to reuse across many calls (see `StatsWorkspace`).
     """
-    tokens = as_token_matrix(x)
-    n_tokens = tokens.shape[0]
-    magnitude = tokens.T.abs().contiguous()  # (C, N): order statistics run faster along contiguous rows
+    if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.numel() == 0:
+        as_token_matrix(x)  # raises with the expected shapes
+    rows = x.detach().reshape(-1, x.shape[-1]).T  # (C, N): order statistics run faster along contiguous rows
+    if workspace is None:
+        signed = rows.contiguous().float()  # transposing before the fp32 conversion moves half the bytes of bf16
+        magnitude = signed.abs()
+    else:
+        signed, magnitude = workspace.matrices(rows.shape[0], rows.shape[1], rows.device)
+        signed.copy_(rows)
+        torch.abs(signed, out=magnitude)
+    n_tokens = signed.shape[1]
     rank_from_top = n_tokens - max(1, -(-n_tokens * 999 // 1000)) + 1
+    max_abs = magnitude.amax(dim=1)
+    p999_abs = max_abs.clone() if rank_from_top == 1 else magnitude.topk(rank_from_top, dim=1).values[:, -1].contiguous()
     return ChannelStats(
         mean_abs=magnitude.mean(dim=1),
-        mean=tokens.mean(dim=0),
-        max_abs=magnitude.amax(dim=1),
+        mean=signed.mean(dim=1),
+        max_abs=max_abs,
         median_abs=magnitude.median(dim=1).values,
-        p999_abs=magnitude.topk(rank_from_top, dim=1).values[:, -1],
+        p999_abs=p999_abs,
         median_all=float(magnitude.flatten().median()),
         n_tokens=int(n_tokens),
     )
@@ -301,10 +330,18 @@ class StatsTable:
 
 
 def merge_stats_tables(tables: Sequence[StatsTable]) -> StatsTable:
-    """Cell-wise merge of tables (e.g. one per prompt) into one; cells present in any table are kept."""
+    """Cell-wise merge of tables (e.g. one per prompt) into one; cells present in any table are kept.
+
+    The merged `meta` keeps what the tables agree on; a key whose values differ (e.g. `prompt`) holds the list of
+    every table's value, in order.
+    """
     if not tables:
         raise InvalidArgumentError("merge_stats_tables got no tables; pass at least one StatsTable.")
-    merged = StatsTable(timesteps=tables[0].timesteps, meta=tables[0].meta)
+    meta: dict[str, Any] = {}
+    for key in dict.fromkeys(k for table in tables for k in table.meta):
+        values = [table.meta.get(key) for table in tables]
+        meta[key] = values[0] if all(value == values[0] for value in values) else values
+    merged = StatsTable(timesteps=tables[0].timesteps, meta=meta)
     for table in tables:
         for (block, step), stats in table.items():
             merged.add(block, step, stats)
