@@ -156,8 +156,8 @@ def worker(args: argparse.Namespace) -> None:
     result = {"wall_s": wall, "cpu_s": cpu, "peak_mb": peak, "above_load_mb": peak - loaded,
               "load_mb": loaded - before_load, "kept_bytes": kept, "where": where,
               "latents_checksum": float(latents.float().abs().sum())}
-    if args.worker == "statistics":  # after the measurement: the first format's all-JSON text, for comparison
-        result["json_text_bytes"] = len(json.dumps(actions[0].recording.table().to_dict()).encode())
+    if args.worker == "statistics":  # after the measurement: the first format (all-JSON, indent 2), for comparison
+        result["json_text_bytes"] = len(json.dumps(actions[0].recording.table().to_dict(), indent=2).encode())
     print(json.dumps(result))
 
 
