@@ -4,7 +4,7 @@
 and the prepared targets), predicts, and returns the results dictionary. On a GPU the exact matcher runs
 there (`device=`); on the CPU the pairs can be spread over `workers` processes, each single-threaded, which
 scales where splitting the small float64 products over threads does not. With a `Fusion`, each pair is matched
-on DiTF maps fused with DINOv2 maps (`ditf.eval.feature_store.FusedFeatureStore`).
+on DiTF maps fused with DINOv2 maps (`ditf.eval.feature_store.FusedScoringFeatures`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ditf.errors import DatasetError, InvalidArgumentError
 from ditf.eval.keypoints import CorrespondenceDataset, Frame, ImageRecord, KeypointPair
 from ditf.eval.metrics import PairOutcome, bbox_threshold, point_errors, summarize
-from ditf.eval.feature_store import SANITY_CHECKS, FeatureStore, FusedFeatureStore, Fusion
+from ditf.eval.feature_store import SANITY_CHECKS, FusedScoringFeatures, Fusion, ScoringFeatures
 from ditf.eval.protocol import Protocol
 from ditf.eval.sources import FeatureSource
 from ditf.features.fusion_settings import FusionSettings, check_fusion_dims
@@ -34,7 +34,7 @@ from ditf.features.io import load_features
 from ditf.matching.correspondence import match_points_lowres, match_prepared, upsampled_vectors
 from ditf.versions import ditf_version
 
-__all__ = ["SANITY_CHECKS", "FeatureStore", "PairPrediction", "check_channels", "ensure_features", "predict_pair",
+__all__ = ["SANITY_CHECKS", "PairPrediction", "ScoringFeatures", "check_channels", "ensure_features", "predict_pair",
            "predict_pairs", "score_pairs", "torch_threads"]
 
 
@@ -48,10 +48,10 @@ class PairPrediction:
     outcome: PairOutcome
 
 
-AnyStore = Union[FeatureStore, FusedFeatureStore]
+AnyFeatures = Union[ScoringFeatures, FusedScoringFeatures]
 
 
-def predict_pair(pair: KeypointPair, store: AnyStore, protocol: Protocol) -> PairPrediction:
+def predict_pair(pair: KeypointPair, store: AnyFeatures, protocol: Protocol) -> PairPrediction:
     """Match `pair`'s source keypoints into its target under `protocol` and measure the errors; `store` gives
     the pair's maps (one source's, or fused with DINOv2)."""
     src_feats, trg_feats = store.pair_features(pair)
@@ -119,8 +119,8 @@ def _load_file(paths: dict[str, Path], image: ImageRecord) -> torch.Tensor:
     return load_features(paths[image.key])[0]
 
 
-def _file_store(paths: dict[str, Path], protocol: Protocol, allow: Collection[str]) -> FeatureStore:
-    return FeatureStore(lambda image: _load_file(paths, image), protocol, where=lambda image: str(paths[image.key]),
+def _file_store(paths: dict[str, Path], protocol: Protocol, allow: Collection[str]) -> ScoringFeatures:
+    return ScoringFeatures(lambda image: _load_file(paths, image), protocol, where=lambda image: str(paths[image.key]),
                         allow=allow)
 
 
@@ -130,15 +130,15 @@ def _predict_chunk(pairs: list[KeypointPair], paths: dict[str, Path], protocol: 
     """A worker's share: its pairs' predictions, reading maps from their files, on one CPU thread (the DINOv2
     maps from `fusion_paths` too, fused with `fusion`, when given)."""
     torch.set_num_threads(1)
-    store: AnyStore = _file_store(paths, protocol, allow)
+    store: AnyFeatures = _file_store(paths, protocol, allow)
     if fusion is not None and fusion_paths is not None:
-        store = FusedFeatureStore(store, _file_store(fusion_paths, protocol, allow), fusion)
+        store = FusedScoringFeatures(store, _file_store(fusion_paths, protocol, allow), fusion)
     return {pair.name: predict_pair(pair, store, protocol) for pair in pairs}
 
 
 def _source_store(source: FeatureSource, protocol: Protocol, device: torch.device,
-                  allow: Collection[str]) -> FeatureStore:
-    return FeatureStore(source.load, protocol, device, where=lambda image: str(source.path_for(image)), allow=allow)
+                  allow: Collection[str]) -> ScoringFeatures:
+    return ScoringFeatures(source.load, protocol, device, where=lambda image: str(source.path_for(image)), allow=allow)
 
 
 def _chunks_by_target(pairs: list[KeypointPair], count: int) -> list[list[KeypointPair]]:
@@ -173,9 +173,9 @@ def predict_pairs(dataset: CorrespondenceDataset, source: FeatureSource, protoco
         raise InvalidArgumentError(f"workers={workers} spreads scoring over CPU processes; with device={device} use "
                                    "workers=1 (the GPU already runs the pairs in parallel).")
     if workers == 1:
-        store: AnyStore = _source_store(source, protocol, device, allow)
+        store: AnyFeatures = _source_store(source, protocol, device, allow)
         if fusion is not None:
-            store = FusedFeatureStore(store, _source_store(fusion.source, protocol, device, allow), fusion.settings)
+            store = FusedScoringFeatures(store, _source_store(fusion.source, protocol, device, allow), fusion.settings)
         with torch_threads(threads):
             found = {pair.name: predict_pair(pair, store, protocol)
                      for pair in tqdm(dataset.pairs, desc="matching", disable=not progress)}
