@@ -6,7 +6,7 @@ Run by hand (never in CI):
     .venv/bin/python benchmarks/matching.py --channels 768 --points 10
     .venv/bin/python benchmarks/matching.py --threads 2
     .venv/bin/python benchmarks/matching.py --device cuda --precision float32   # float32 + re-check vs float64
-    .venv/bin/python benchmarks/matching.py --end-to-end    # score a full-size synthetic split (~5 min on 2 cores)
+    .venv/bin/python benchmarks/matching.py --end-to-end    # score a full-size synthetic split (4 min on 2 quiet cores)
 
 Each method runs in its own subprocess so that its peak resident memory (ru_maxrss; on CUDA the peak
 allocated device memory) can be measured from a clean baseline; the baseline (interpreter, torch, the
@@ -45,7 +45,7 @@ import torch
 from ditf.eval.keypoints import CorrespondenceDataset, ImageRecord, KeypointPair
 from ditf.eval.metrics import PairOutcome, bbox_threshold, point_errors, summarize
 from ditf.eval.protocol import protocol_for
-from ditf.eval.scoring import score_pairs
+from ditf.eval.scoring import score_pairs, torch_threads
 from ditf.eval.sources import FeatureFolder
 from ditf.features.io import load_features, save_features
 from ditf.matching.correspondence import cosine_map, match_points, upsample_then_match
@@ -235,12 +235,10 @@ def reference_pair(pair: KeypointPair, root: Path) -> tuple[np.ndarray, PairOutc
 def time_reference(pairs: list[KeypointPair], root: Path, threads: int) -> tuple[float, dict[str, np.ndarray], list]:
     """Wall seconds of the reference over `pairs` on `threads` torch threads, its predictions by pair name and
     its outcomes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    done = {pair.name: reference_pair(pair, root) for pair in pairs}
-    seconds = time.perf_counter() - start
-    torch.set_num_threads(previous)
+    with torch_threads(threads):
+        start = time.perf_counter()
+        done = {pair.name: reference_pair(pair, root) for pair in pairs}
+        seconds = time.perf_counter() - start
     return seconds, {name: predicted for name, (predicted, _) in done.items()}, [o for _, o in done.values()]
 
 
