@@ -5,8 +5,8 @@ and the prepared targets), predicts target by target (each target is prepared on
 returns the results dictionary. On a GPU the exact matcher runs there (`device=`); on the CPU every process
 scores with one torch thread unless told otherwise, and the pairs can be spread over `workers` processes,
 which scales where splitting the small float64 products over threads does not (on a busy 2-core machine,
-preparing a 3072-channel target took 0.04 s on one thread and 0.56 s on two). With a `Fusion`, each pair is matched
-on DiTF maps fused with DINOv2 maps (`ditf.eval.feature_store.FusedScoringFeatures`).
+preparing a 3072-channel target took 0.04 s on one thread and 0.56 s on two). With a `Fusion`, each pair is
+matched on DiTF maps fused with DINOv2 maps (`ditf.eval.feature_store.FusedScoringFeatures`).
 """
 
 from __future__ import annotations
