@@ -284,6 +284,32 @@ def test_scoring_in_worker_processes_gives_the_same_results(dataset):
     assert two == one and one["all_per_point"] == EXPECTED["all_per_point"]
 
 
+class ThreadWatchingFolder(FeatureFolder):
+    """A features folder that records torch's thread count whenever a map is read (that is, while scoring)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.threads: set[int] = set()
+
+    def load(self, image: ImageRecord) -> torch.Tensor:
+        self.threads.add(torch.get_num_threads())
+        return super().load(image)
+
+
+@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
+def test_cpu_scoring_runs_on_one_thread_unless_asked_and_restores_torch_setting(dataset, threads, expected):
+    source = ThreadWatchingFolder(REAL / "features")
+    torch.set_num_threads(2)  # the tests' default is 1 (conftest)
+    try:
+        scores = score_pairs(dataset, source, protocol_for(dataset), threads=threads, progress=False)
+        assert source.threads == {expected} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert scores["all_per_point"] == EXPECTED["all_per_point"]
+    with pytest.raises(InvalidArgumentError, match="threads=0"):
+        score_pairs(dataset, source, protocol_for(dataset), threads=0, progress=False)
+
+
 def test_results_are_written_atomically(tmp_path):
     path = tmp_path / "results.json"
     write_json_atomic(path, {"all_per_point": 1.0})

@@ -67,7 +67,10 @@ def _common_options() -> argparse.ArgumentParser:
     protocol.add_argument("--threshold", choices=THRESHOLDS, help="PCK length: target bbox or image (dataset default)")
     protocol.add_argument("--matcher", choices=MATCHERS, help="override the protocol's matcher")
     protocol.add_argument("--pad-size", type=int, help=f"square side of --protocol geoaware (default: {GEOAWARE_PAD_SIZE})")
-    protocol.add_argument("--workers", type=int, default=1, help="CPU processes scoring pairs in parallel")
+    protocol.add_argument("--workers", type=int, default=1,
+                          help="CPU processes scoring pairs in parallel, whole targets to a process; each uses one "
+                               "torch thread (the small float64 products of the matcher slow down when split over "
+                               "threads), so give as many workers as free cores")
     protocol.add_argument("--allow", default="", metavar="CHECKS",
                           help="feature-map checks to switch off, comma-separated: constant, aspect")
 

@@ -178,8 +178,8 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
     values), layout ("large", "small", ...): which pairs. protocol: "ditf" (the DiTF authors' eval_spair.py) or
     "geoaware" (GeoAware-SC), with threshold ("bbox" or "image"), matcher ("upsampled" or "patch") and pad_size
     overrides. Features: see `feature_source`. shard "i/n" or "auto": fill the cache for that share of the images
-    and return its summary. workers: CPU scoring processes. device: where the matcher runs (default: the
-    extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect"). fuse,
+    and return its summary. workers: CPU scoring processes (one torch thread each). device: where the matcher runs
+    (default: the extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect"). fuse,
     fuse_features, fusion: fuse each pair with DINOv2 features (`fusion_with`; the paper's † rows); the results'
     settings and protocol card then hold the fusion parameters under "fusion".
     """

@@ -1,9 +1,10 @@
 """The feature maps of one scoring run: read once, checked, kept while recent; fused per pair with DINOv2.
 
-`FeatureStore` serves each image's (C, h, w) map of one source and its target prepared for the exact matcher;
-`FusedFeatureStore` serves, for each pair, the fused maps of `ditf.features.fusion` computed from a DiTF store
-and a DINOv2 store (the PCA is fitted on the pair, so fused maps exist per pair, never per image). Both give
-`pair_features(pair) -> (source map, target map)` and `prepared_target(pair, target map)`.
+`ScoringFeatures` serves each image's (C, h, w) map of one source and its target prepared for the exact
+matcher; `FusedScoringFeatures` serves, for each pair, the fused maps of `ditf.features.fusion` computed from
+the DiTF and the DINOv2 `ScoringFeatures` (the PCA is fitted on the pair, so fused maps exist per pair, never
+per image). Both give `pair_features(pair) -> (source map, target map)` and `prepared_target(pair, target
+map)`. (Not `ditf.app.store.FeatureStore`, the app's store of extracted features.)
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def check_pair_channels(pair: KeypointPair, source: torch.Tensor, target: torch.
         )
 
 
-class FeatureStore:
+class ScoringFeatures:
     """Loads, checks and keeps the most recently used feature maps and prepared targets of one scoring run.
 
     `load(image) -> (C, h, w)`; `where(image)` names the map's file in errors; targets are prepared for the
@@ -117,11 +118,11 @@ class Fusion:
         return {**self.settings.to_dict(), "dino": self.source.describe()}
 
 
-class FusedFeatureStore:
-    """Fused maps per pair from a DiTF `FeatureStore` and a DINOv2 `FeatureStore` (each map read once and kept
-    while recent); targets are prepared per pair, since a target's fused map depends on its source."""
+class FusedScoringFeatures:
+    """Fused maps per pair from a DiTF `ScoringFeatures` and a DINOv2 `ScoringFeatures` (each map read once and
+    kept while recent); targets are prepared per pair, since a target's fused map depends on its source."""
 
-    def __init__(self, ditf: FeatureStore, dino: FeatureStore, settings: FusionSettings):
+    def __init__(self, ditf: ScoringFeatures, dino: ScoringFeatures, settings: FusionSettings):
         self.ditf, self.dino, self.settings = ditf, dino, settings
         self.protocol, self.device = ditf.protocol, ditf.device
 
