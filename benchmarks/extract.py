@@ -1,7 +1,7 @@
 """Benchmark: DiTF feature extraction, ours vs a naive extractor vs the DiTF authors' procedure, and
 several blocks from one forward pass vs the deepest block alone.
 
-Run by hand (never in CI); about 6-10 minutes on a 2-core CPU with the defaults (3 rounds, all modes):
+Run by hand (never in CI); about 5 minutes on 2 idle cores with the defaults (3 rounds of all modes):
 
     .venv/bin/python benchmarks/extract.py
     .venv/bin/python benchmarks/extract.py --modes ours,ours-multi --ensemble 4 --resolution 128
