@@ -341,8 +341,7 @@ def report(rounds: list[dict[str, dict]], split: DepthSplit, target_share: float
           f"({split.ratio:.3f}; FLUX.1-dev at k=28: {target_share:.3f}).")
     tokens = (args.resolution // 16) ** 2
     print(f"{args.dtype} on CPU (bf16 checkpoint), {args.threads} threads; image {args.resolution}px ({tokens} image tokens) "
-          f"+ {args.text_tokens} text tokens, ensemble {args.ensemble}, t={T}; ours-multi taps "
-          f"{len(tapped_blocks(argparse.Namespace(worker='ours-multi', block=args.block, multi_blocks=args.multi_blocks)))} "
+          f"+ {args.text_tokens} text tokens, ensemble {args.ensemble}, t={T}; ours-multi taps {args.multi_blocks} "
           f"blocks; medians over {len(rounds)} round(s).\n")
     header = (f"{'mode':10} {'load s':>7} {'load cpu':>8} {'extract s':>9} {'extr cpu':>8} {'cpu/wall':>8} "
               f"{'others':>6} {'total s':>7} {'total cpu':>9} {'peak MB':>7} {'params':>7}")
