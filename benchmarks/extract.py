@@ -1,9 +1,11 @@
-"""Benchmark: DiTF feature extraction, ours vs a naive extractor vs the DiTF authors' procedure.
+"""Benchmark: DiTF feature extraction, ours vs a naive extractor vs the DiTF authors' procedure, and
+several blocks from one forward pass vs the deepest block alone.
 
-Run by hand (never in CI); about 5-10 minutes on a 2-core CPU:
+Run by hand (never in CI); about 5 minutes on 2 idle cores with the defaults (3 rounds of all modes):
 
     .venv/bin/python benchmarks/extract.py
-    .venv/bin/python benchmarks/extract.py --ensemble 4 --resolution 128 --repeats 2
+    .venv/bin/python benchmarks/extract.py --modes ours,ours-multi --ensemble 4 --resolution 128
+    .venv/bin/python benchmarks/extract.py --dtype float32 --repeats 1
 
 The model is a random-weight FLUX.1 transformer of the real width (3072, 24 heads, T5 width 4096) with
 reduced depth, chosen so that the blocks up to the tapped block k hold the same share of the parameters
@@ -11,22 +13,30 @@ as FLUX.1-dev's blocks 0..28 (7.9B of 11.9B, DiTF's k=28). It is written in bf16
 pipeline folder (no text encoders: every mode gets the same `prompt_embeds`), then each mode loads it
 in a fresh subprocess and extracts features of one image:
 
-- naive:   whole transformer loaded; a forward hook records block k's input while the full forward runs
-           (later blocks and the final layer too); the VAE encodes every ensemble member separately.
-- authors: whole transformer loaded; the forward stops after block k's input is read; the VAE encodes the
-           image replicated E times in one batch (the authors' `eval_spair.py` procedure).
-- ours:    `DiTFeaturizer.from_pretrained(folder, block=k)`: only blocks 0..k are read; the forward stops
-           at block k; one VAE encoder pass, E posterior samples.
+- naive:      whole transformer loaded; a forward hook records block k's input while the full forward runs
+              (later blocks and the final layer too); the VAE encodes every ensemble member separately.
+- authors:    whole transformer loaded; the forward stops after block k's input is read; the VAE encodes the
+              image replicated E times in one batch (the authors' `eval_spair.py` procedure).
+- ours:       `DiTFeaturizer.from_pretrained(folder, block=k)`: only blocks 0..k are read; the forward stops
+              at block k; one VAE encoder pass, E posterior samples.
+- ours-multi: as ours (same partial load to k), but `fx(image, block=[k-B+1, ..., k])`: B blocks' features from
+              the same single forward pass (`--multi-blocks` B).
 
-Each mode reports load and extraction wall time, CPU time (less sensitive to other load on the machine),
-and peak resident memory (VmHWM) above the worker's baseline after imports. The best of `--repeats`
-runs is kept per mode; modes are interleaved so that background load hits them alike.
+Each run reports load and extraction wall time, CPU time, the other processes' CPU use during extraction
+(busy cores from /proc/stat minus the worker's own CPU: the background load the run shared the machine
+with), and peak resident memory (VmHWM) above the worker's baseline after imports.
+
+`--repeats` rounds run every selected mode once each; the order rotates from round to round, so that no mode
+always runs first (or right after the slowest). Per mode the tables give the median over rounds of each
+quantity. The ratios (authors / ours, naive / ours, ours-multi / ours, memory) are computed within each round,
+where the modes ran minutes apart under similar load, and are printed as their median and range.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -45,8 +55,9 @@ FLUX_DEV_DEPTH = (19, 38)
 DITF_BLOCK = 28
 """DiTF's block for FLUX.1-dev (single block 9)."""
 T = 261
-MODES = ("naive", "authors", "ours")
-TARGETS = {"faster than naive": 1.4, "not slower than the authors": 1.0, "memory vs whole transformer": 0.7}
+MODES = ("naive", "authors", "ours", "ours-multi")
+TARGETS = {"faster than naive": 1.4, "not slower than the authors": 1.0, "memory vs whole transformer": 0.7,
+           "several blocks vs the deepest alone": 1.15}
 
 
 @dataclass(frozen=True)
@@ -162,19 +173,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes have spent busy since boot, summed over cores (/proc/stat; 0 elsewhere)."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in stat.read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 class Clock:
-    """Wall and CPU seconds of a `with` block."""
+    """Wall and CPU seconds of a `with` block, and `others`: the cores other processes kept busy meanwhile
+    (machine busy seconds minus this process' CPU seconds, over the wall time; 0 on an otherwise idle machine)."""
 
     def __enter__(self) -> Clock:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.wall, self.cpu, self.others = time.perf_counter(), time.process_time(), machine_busy_s()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        self.others = max(machine_busy_s() - self.others - self.cpu, 0.0) / max(self.wall, 1e-9)
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Load and extract in one mode; print a JSON line with timings and memory, save the features."""
+    """Load and extract in one mode; print a JSON line with timings and memory, save block k's features."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from safetensors.torch import load_file, save_file
 
@@ -189,13 +211,16 @@ def worker(args: argparse.Namespace) -> None:
     cond = {"prompt_embeds": inputs["prompt_embeds"], "pooled_prompt_embeds": inputs["pooled_prompt_embeds"]}
     baseline = peak_rss_mb()
     dtype = getattr(torch, args.dtype)
-    if args.worker == "ours":
+    if args.worker.startswith("ours"):
         with Clock() as load:
             fx = DiTFeaturizer.from_pretrained(str(folder), block=args.block, torch_dtype=dtype, device="cpu")
         loaded_mb = peak_rss_mb() - baseline
+        blocks = tapped_blocks(args)
         with Clock() as extract, torch.no_grad():
-            features = fx(image, t=T, block=args.block, ensemble=args.ensemble, resolution=args.resolution,
-                          discard=None, progress=False, **cond)[0]
+            features = fx(image, t=T, block=blocks if len(blocks) > 1 else args.block, ensemble=args.ensemble,
+                          resolution=args.resolution, discard=None, progress=False, **cond)[0]
+        if len(blocks) > 1:
+            features = features[args.block]
         params = sum(p.numel() for p in fx.transformer.parameters())
     else:
         with Clock() as load:
@@ -210,8 +235,15 @@ def worker(args: argparse.Namespace) -> None:
         params = sum(p.numel() for p in transformer.parameters())
     save_file({"features": features.contiguous()}, folder / f"features_{args.worker}.safetensors")
     print(json.dumps({"load_s": load.wall, "load_cpu_s": load.cpu, "extract_s": extract.wall, "extract_cpu_s": extract.cpu,
-                      "loaded_mb": loaded_mb, "peak_mb": peak_rss_mb() - baseline, "baseline_mb": baseline,
-                      "params": params}))
+                      "extract_others": extract.others, "loaded_mb": loaded_mb, "peak_mb": peak_rss_mb() - baseline,
+                      "baseline_mb": baseline, "params": params}))
+
+
+def tapped_blocks(args: argparse.Namespace) -> list[int]:
+    """The blocks a mode taps: k alone, or for ours-multi the `--multi-blocks` blocks ending at k."""
+    if args.worker != "ours-multi":
+        return [args.block]
+    return list(range(args.block - args.multi_blocks + 1, args.block + 1))
 
 
 def baseline_features(arch, pixels: torch.Tensor, cond: dict, args: argparse.Namespace, *, stop: bool,
@@ -259,55 +291,94 @@ def baseline_features(arch, pixels: torch.Tensor, cond: dict, args: argparse.Nam
 def run_worker(mode: str, folder: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--folder", str(folder), "--block", str(args.block),
                "--ensemble", str(args.ensemble), "--resolution", str(args.resolution), "--threads", str(args.threads),
-               "--seed", str(args.seed), "--dtype", args.dtype]
+               "--seed", str(args.seed), "--dtype", args.dtype, "--multi-blocks", str(args.multi_blocks)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"worker {mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    run["total_s"], run["total_cpu_s"] = run["load_s"] + run["extract_s"], run["load_cpu_s"] + run["extract_cpu_s"]
+    return run
 
 
-def best_of(runs: list[dict]) -> dict:
-    """Per quantity, the best (smallest) value over repeated runs of one mode."""
-    return {key: min(run[key] for run in runs) for key in runs[0]}
+def rotated(modes: list[str], round_index: int) -> list[str]:
+    """The order of round `round_index`: the modes rotated by one place per round."""
+    shift = round_index % len(modes)
+    return modes[shift:] + modes[:shift]
 
 
-def report(results: dict[str, dict], split: DepthSplit, target_share: float, folder: Path, args: argparse.Namespace) -> None:
-    from safetensors.torch import load_file
+def medians(runs: list[dict]) -> dict:
+    """Per quantity, the median over the rounds of one mode."""
+    return {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
 
+
+RATIOS = [  # (name, numerator mode, denominator mode, quantity, comparison, target)
+    *[(f"authors / ours, {what}", "authors", "ours", key, ">=", TARGETS["not slower than the authors"])
+      for what, key in (("extract wall", "extract_s"), ("extract CPU", "extract_cpu_s"), ("total wall", "total_s"),
+                        ("total CPU", "total_cpu_s"))],
+    *[(f"naive / ours, {what}", "naive", "ours", key, ">=", TARGETS["faster than naive"])
+      for what, key in (("extract wall", "extract_s"), ("extract CPU", "extract_cpu_s"), ("total wall", "total_s"),
+                        ("total CPU", "total_cpu_s"))],
+    ("ours / naive, peak memory", "ours", "naive", "peak_mb", "<=", TARGETS["memory vs whole transformer"]),
+    ("ours / authors, peak memory", "ours", "authors", "peak_mb", "", None),
+    *[(f"ours-multi / ours, {what}", "ours-multi", "ours", key, "<=", TARGETS["several blocks vs the deepest alone"])
+      for what, key in (("extract wall", "extract_s"), ("extract CPU", "extract_cpu_s"))],
+]
+"""The ratios reported, each computed within every round; the target is checked on their median."""
+
+
+def round_ratios(rounds: list[dict[str, dict]]) -> dict[str, list[float]]:
+    """Every applicable ratio of `RATIOS` in each round (both of its modes were run): name -> values per round."""
+    return {name: [r[num][key] / r[den][key] for r in rounds]
+            for name, num, den, key, _, _ in RATIOS if num in rounds[0] and den in rounds[0]}
+
+
+def report(rounds: list[dict[str, dict]], split: DepthSplit, target_share: float, folder: Path,
+           args: argparse.Namespace) -> dict[str, list[float]]:
+    """Print the per-mode medians, the per-round ratios and the features' agreement; return the ratios."""
+    modes = [mode for mode in MODES if mode in rounds[0]]
     print(f"\nFLUX width 3072, {split.double} double + {split.single} single blocks, tap k={split.block}: "
           f"blocks 0..k hold {split.loaded_params / 1e9:.3f}B of {split.total_params / 1e9:.3f}B parameters "
           f"({split.ratio:.3f}; FLUX.1-dev at k=28: {target_share:.3f}).")
     tokens = (args.resolution // 16) ** 2
-    print(f"{args.dtype} on CPU (bf16 checkpoint), {args.threads} threads; image {args.resolution}px ({tokens} image tokens) + {args.text_tokens} "
-          f"text tokens, ensemble {args.ensemble}, t={T}; best of {args.repeats} run(s).\n")
-    header = f"{'mode':8} {'load s':>7} {'extract s':>10} {'extract cpu s':>14} {'total s':>8} {'peak MB':>8} {'params':>8}"
+    print(f"{args.dtype} on CPU (bf16 checkpoint), {args.threads} threads; image {args.resolution}px ({tokens} image tokens) "
+          f"+ {args.text_tokens} text tokens, ensemble {args.ensemble}, t={T}; ours-multi taps {args.multi_blocks} "
+          f"blocks; medians over {len(rounds)} round(s).\n")
+    header = (f"{'mode':10} {'load s':>7} {'load cpu':>8} {'extract s':>9} {'extr cpu':>8} {'cpu/wall':>8} "
+              f"{'others':>6} {'total s':>7} {'total cpu':>9} {'peak MB':>7} {'params':>7}")
     print(header)
     print("-" * len(header))
-    for mode in MODES:
-        r = results[mode]
-        print(f"{mode:8} {r['load_s']:7.1f} {r['extract_s']:10.1f} {r['extract_cpu_s']:14.1f} "
-              f"{r['load_s'] + r['extract_s']:8.1f} {r['peak_mb']:8.0f} {r['params'] / 1e9:7.3f}B")
-    ours, naive, authors = results["ours"], results["naive"], results["authors"]
-    total = lambda r: r["load_s"] + r["extract_s"]
-    checks = [
-        ("faster than naive (extract cpu)", naive["extract_cpu_s"] / ours["extract_cpu_s"], ">=", TARGETS["faster than naive"]),
-        ("faster than naive (total wall)", total(naive) / total(ours), ">=", TARGETS["faster than naive"]),
-        ("vs authors (extract cpu)", authors["extract_cpu_s"] / ours["extract_cpu_s"], ">=", TARGETS["not slower than the authors"]),
-        ("vs authors (total wall)", total(authors) / total(ours), ">=", TARGETS["not slower than the authors"]),
-        ("peak memory / whole model (naive)", ours["peak_mb"] / naive["peak_mb"], "<=", TARGETS["memory vs whole transformer"]),
-    ]
-    print("\nratio                                  value  target   met")
-    for name, value, op, target in checks:
-        met = value >= target if op == ">=" else value <= target
-        print(f"{name:36} {value:7.2f}  {op}{target:<5} {'yes' if met else 'NO'}")
-    print(f"{'peak memory / authors (no target)':36} {ours['peak_mb'] / authors['peak_mb']:7.2f}  (with a lazily mapped "
-          "checkpoint in the compute dtype, weights a forward never touches cost no RAM on CPU; they do once "
-          "copied: --dtype float32 or a GPU)")
-    feats = {mode: load_file(folder / f"features_{mode}.safetensors")["features"] for mode in MODES}
-    print("\nagreement of the features (mean per-cell cosine after removing each channel's mean, which holds the "
-          "AdaLN shift; modes differ only by their noise draws):")
-    print("  " + ", ".join(f"{a}-{b} {centred_cosine(feats[a], feats[b]):.4f}"
-                           for a, b in (("ours", "authors"), ("ours", "naive"), ("authors", "naive"))))
+    for mode in modes:
+        r = medians([one[mode] for one in rounds])
+        print(f"{mode:10} {r['load_s']:7.1f} {r['load_cpu_s']:8.1f} {r['extract_s']:9.1f} {r['extract_cpu_s']:8.1f} "
+              f"{r['extract_cpu_s'] / r['extract_s']:8.2f} {r['extract_others']:6.2f} {r['total_s']:7.1f} "
+              f"{r['total_cpu_s']:9.1f} {r['peak_mb']:7.0f} {r['params'] / 1e9:6.3f}B")
+    print("(cpu/wall: extraction's CPU over wall time, at most the thread count; others: cores kept busy by other "
+          "processes during extraction)")
+    ratios = round_ratios(rounds)
+    targets = {name: (op, target) for name, _, _, _, op, target in RATIOS}
+    print(f"\n{'ratio':34} {'median':>7} {'range':>13}  target  met")
+    for name, values in ratios.items():
+        value, (op, target) = float(np.median(values)), targets[name]
+        met = "" if target is None else "yes" if (value >= target if op == ">=" else value <= target) else "NO"
+        print(f"{name:34} {value:7.2f} {min(values):6.2f}-{max(values):<6.2f}  {op + str(target) if target else '':6}  {met}")
+    print_agreement(modes, folder)
+    return ratios
+
+
+def print_agreement(modes: list[str], folder: Path) -> None:
+    """The features of block k from each pair of modes: centred cosine (and, ours vs ours-multi, the largest difference)."""
+    from safetensors.torch import load_file
+
+    feats = {mode: load_file(folder / f"features_{mode}.safetensors")["features"] for mode in modes}
+    pairs = [(a, b) for a, b in (("ours", "authors"), ("ours", "naive"), ("authors", "naive"), ("ours-multi", "ours"))
+             if a in feats and b in feats]
+    if not pairs:
+        return
+    print("\nagreement of block k's features (mean per-cell cosine after removing each channel's mean, which holds the "
+          "AdaLN shift; ours, authors and naive differ only by their noise draws, ours-multi draws ours' noise):")
+    print("  " + ", ".join(f"{a}-{b} {centred_cosine(feats[a], feats[b]):.4f}" for a, b in pairs))
+    if ("ours-multi", "ours") in pairs:
+        print(f"  ours-multi vs ours: largest difference {(feats['ours-multi'] - feats['ours']).abs().max().item():.3g}")
 
 
 def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -316,14 +387,25 @@ def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(centre(a), centre(b), dim=0).mean().item()
 
 
+def parse_modes(text: str) -> list[str]:
+    """`--modes` "a,b,..." -> the modes in `MODES` order; unknown names are an error."""
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    return [mode for mode in MODES if mode in modes]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", type=parse_modes, default=list(MODES), help=f"comma-separated (default: {','.join(MODES)})")
     parser.add_argument("--ensemble", type=int, default=8, help="noise draws per image (DiTF: 8)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (multiple of 16)")
     parser.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (DiTF pads to 512)")
     parser.add_argument("--max-blocks", type=int, default=8, help="most blocks the reduced model may have")
     parser.add_argument("--max-params", type=float, default=1.6e9, help="most parameters the reduced model may have")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--multi-blocks", type=int, default=4, help="blocks B that ours-multi taps, the deepest k")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all modes (the order rotates per round)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
@@ -338,19 +420,26 @@ def main() -> None:
         return
     split, target_share = choose_depth(args.max_blocks, args.max_params)
     args.block = split.block
+    if not 1 <= args.multi_blocks <= split.block + 1:
+        parser.error(f"--multi-blocks must be 1..{split.block + 1} (blocks 0..k={split.block})")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="ditf-bench-") as tmp:
         folder = (args.keep or Path(tmp)) / "flux_reduced"
         start = time.perf_counter()
         write_pipeline(folder, split, args.seed)
         write_inputs(folder, args)
         print(f"wrote a {split.total_params / 1e9:.2f}B-parameter bf16 checkpoint in {time.perf_counter() - start:.0f} s: {folder}")
-        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
-        for repeat in range(args.repeats):
-            for mode in MODES:
-                runs[mode].append(run_worker(mode, folder, args))
-                print(f"  run {repeat + 1} {mode}: {json.dumps({k: round(v, 2) for k, v in runs[mode][-1].items()})}", flush=True)
-        report({mode: best_of(r) for mode, r in runs.items()}, split, target_share, folder, args)
-        print(json.dumps({"split": asdict(split), "results": {mode: best_of(r) for mode, r in runs.items()}}))
+        rounds: list[dict[str, dict]] = []
+        for index in range(args.repeats):
+            rounds.append({})
+            for mode in rotated(args.modes, index):
+                rounds[-1][mode] = run_worker(mode, folder, args)
+                shown = {k: round(v, 2) for k, v in rounds[-1][mode].items() if k not in ("baseline_mb", "params")}
+                print(f"  round {index + 1} {mode}: {json.dumps(shown)}", flush=True)
+        ratios = report(rounds, split, target_share, folder, args)
+        print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+              f"{time.perf_counter() - start:.0f} s in all")
+        print(json.dumps({"split": asdict(split), "rounds": rounds, "ratios": ratios}))
 
 
 if __name__ == "__main__":
