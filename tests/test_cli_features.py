@@ -58,7 +58,8 @@ def test_bad_inputs_exit_with_a_message(flux_pipeline_dir, tmp_path, capsys):
     assert code == 2 and "--points [[9999, 5]] lie outside" in capsys.readouterr().err
 
 
-def test_a_feature_file_is_reused_only_for_the_same_image_content_and_settings(flux_pipeline_dir, tmp_path, capsys):
+def test_a_feature_file_is_reused_only_for_the_same_image_content_and_settings(flux_pipeline_dir, tmp_path, capsys,
+                                                                             monkeypatch):
     import shutil
 
     picture = tmp_path / "pic.jpg"
@@ -70,6 +71,15 @@ def test_a_feature_file_is_reused_only_for_the_same_image_content_and_settings(f
     assert main(run) == 0 and "wrote 1, skipped 0" in capsys.readouterr().out
     assert main(run + ["--half"]) == 0 and "wrote 1, skipped 0" in capsys.readouterr().out
     assert load_features(tmp_path / "out" / "pic.safetensors")[0].dtype.itemsize == 2
+
+    def with_model(model: str) -> list[str]:
+        return [*run[:3], model, *run[4:], "--half"]
+
+    folder = shutil.copytree(flux_pipeline_dir, tmp_path / "smoke")
+    assert main(with_model(str(folder))) == 0 and "wrote 1, skipped 0" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("smoke", "./smoke", "smoke/"):  # the same folder
+        assert main(with_model(spelling)) == 0 and "wrote 0, skipped 1" in capsys.readouterr().out
 
 
 def test_the_libraries_loading_bars_and_notices_are_hidden_unless_verbose(flux_pipeline_dir, tmp_path, capsys):

@@ -120,3 +120,15 @@ def test_cli_scores_the_cross_family_subset(ap_tree, tmp_path):
     results = json.loads(output.read_text())
     assert results["benchmark"]["subset"] == "cross-family"
     assert (list(results["per_category"]), results["all_per_point"]) == (["all"], 50.0)
+
+
+def test_a_sweep_on_ap10k_reads_its_subset(ap_tree, flux_pipeline_dir, tmp_path):
+    root, _ = ap_tree
+    argv = ["sweep", "ap10k", "--root", str(root), "--split", "test", "--subset", "cross-family",
+            "--model", str(flux_pipeline_dir), "--blocks", "28", "--t", "261", "--pairs", "1",
+            "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "sweep"), "--ensemble", "1",
+            "--resolution", "64", "--dtype", "fp32", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert results["benchmark"]["subset"] == "cross-family" and results["benchmark"]["pairs"] == 1
+    assert results["best"]["block"] == 28 and results["best"]["t"] == 261.0

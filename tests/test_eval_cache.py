@@ -333,6 +333,12 @@ def test_a_model_is_keyed_by_its_files_not_by_how_its_path_is_spelt(flux_pipelin
     assert all(identity == spellings[0] for identity in spellings)
     weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = read(weights)
+    image = load_spair(REAL).images()[0]
+    settings = dict(block=20, t=261, ensemble=1, resolution=64, device="cpu")
+    keys = {CachedExtractor(DiTFExtractor(name, **settings), tmp_path / "cache").key_for(image)
+            for name in (".smoke", "./.smoke", str(folder))}
+    assert len(keys) == 1  # the whole cache key, not only the identity
+    assert DiTFExtractor("./.smoke", **settings).describe()["model"] == "./.smoke"  # results say it as typed
     write({name: tensor + 1 for name, tensor in tensors.items()}, weights)  # other weights, same names and shapes
     assert model_identity(".smoke") != spellings[0]
     assert model_identity("flux-dev") == {"kind": "hub", "repo": "black-forest-labs/FLUX.1-dev", "revision": None}

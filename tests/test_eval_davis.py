@@ -326,7 +326,8 @@ def short_davis(synthetic_davis, tmp_path) -> Path:
     return root
 
 
-def test_cli_davis_propagates_then_scores_with_a_tiny_flux(short_davis, flux_pipeline_dir, tmp_path):
+def test_cli_davis_propagates_then_scores_with_a_tiny_flux_as_the_library_does(short_davis, flux_pipeline_dir,
+                                                                                tmp_path):
     output = tmp_path / "davis_out"
     argv = ["eval", "davis", "--root", str(short_davis), "--model", str(flux_pipeline_dir), "--output", str(output)]
     model = ["--block", "21", "--t", "90", "--dtype", "fp32", "--device", "cpu", "--short-side", "64", "--quiet"]
@@ -338,3 +339,10 @@ def test_cli_davis_propagates_then_scores_with_a_tiny_flux(short_davis, flux_pip
     assert scores["settings"]["prompt"] == "a photo of a image" and scores["settings"]["ensemble"] == 1
     assert scores["settings"]["n_last_frames"] == PropagationSettings().n_last_frames and scores["settings"]["topk"] == 3
     assert scores["settings_sources"]["t"] == "given" and "eval_davis.sh" in scores["settings_sources"]["prompt"]
+
+    from ditf.eval import DiTFExtractor, evaluate_davis
+
+    extractor = DiTFExtractor(str(flux_pipeline_dir), task="davis", block=21, t=90, dtype="fp32", device="cpu")
+    library = evaluate_davis(short_davis, output, extractor=extractor, short_side=64, topk=3,
+                             scores=tmp_path / "library.json", progress=False)  # resumes: the PNGs are there
+    assert json.loads(json.dumps(library)) == scores  # the dict the command line writes

@@ -125,3 +125,16 @@ def test_cli_scores_pf_pascal(pf_tree, tmp_path):
     assert main(argv) == 0
     results = json.loads(output.read_text())
     assert results["all_per_point"] == 200 / 3 and results["benchmark"]["name"] == "pf-pascal"
+
+
+def test_a_sweep_on_pf_pascal_scores_every_block_and_timestep(pf_tree, flux_pipeline_dir, tmp_path):
+    root, _ = pf_tree
+    argv = ["sweep", "pfpascal", "--root", str(root), "--split", "test", "--model", str(flux_pipeline_dir),
+            "--blocks", "19,28", "--t", "100,261", "--pairs", "2", "--cache", str(tmp_path / "cache"),
+            "-o", str(tmp_path / "sweep"), "--ensemble", "1", "--resolution", "64", "--dtype", "fp32",
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert results["benchmark"]["name"] == "pf-pascal"
+    assert (results["blocks"], results["t"]) == ([19, 28], [100.0, 261.0])
+    assert len(results["per_point"]) == 2 and all(len(row) == 2 for row in results["per_point"])

@@ -181,6 +181,7 @@ def test_cli_scores_spair_mini_and_writes_every_result_file(tmp_path, capsys):
     expected = json.loads((MINI / "expected_pck.json").read_text())
     assert {key: results[key] for key in SCORES} == {key: expected[key] for key in SCORES}
     assert results["settings"]["features"] == str(MINI / "features") and results["ditf_version"]
+    assert results == json.loads(json.dumps(evaluate_spair(MINI, features=MINI / "features", progress=False)))
     assert "| **all (pooled)** | 26 | 184 | 36.55 | 36.96 |" in output.with_suffix(".md").read_text()
     for suffix in ("_per_category.png", "_pairs.png"):
         with Image.open(output.with_name(f"results{suffix}")) as figure:

@@ -109,6 +109,21 @@ def test_a_misspelt_keyword_is_refused_with_the_valid_ones(fx):
         fx.from_latents(torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 8), discrad=None, **SETTINGS)
 
 
+def test_several_blocks_from_latents_stop_after_the_deepest(fx):
+    """from_latents(block=[3, 20]) equals single-block calls and never runs the blocks after 20."""
+    latents = fx.noisy_latents(IMAGE, fx.settings(**SETTINGS))
+    later = []
+    handle = fx.arch.block(21).module.register_forward_pre_hook(lambda *a: later.append(1))
+    try:
+        several = fx.from_latents(latents.clean, latents.noise, **{**SETTINGS, "block": [3, 20]})
+    finally:
+        handle.remove()
+    assert sorted(several) == [3, 20] and later == []
+    for k in (3, 20):
+        alone = fx.from_latents(latents.clean, latents.noise, **{**SETTINGS, "block": k})
+        assert torch.equal(several[k].features, alone.features) and several[k].discarded == alone.discarded
+
+
 def test_call_and_from_latents_default_to_the_same_discard(fx):
     """Both take `discard` from the same settings: "auto" unless told otherwise."""
     latents = fx.noisy_latents(IMAGE, fx.settings(**SETTINGS))

@@ -103,8 +103,11 @@ def test_shards_of_a_sweep_fill_the_cache_for_the_final_run(flux_pipeline_dir, t
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--blocks", "20-40"], r"block=\(20, 40\) is out of range|valid blocks are 0\.\.28"),
+    (["--blocks", "20-40"], r"--blocks 20-40: block 40 is out of range for FluxTransformer2DModel: valid blocks are "
+                            r"0\.\.28"),
     (["--t", ","], r"--t ',' lists no timestep"),
+    (["--t", "100,2000"], r"--t 2000\.0 is outside 0\.\.1000"),
+    (["--pairs", "0"], r"--pairs 0: give at least 1"),
     (["--blocks", "9-3"], r"--blocks '9-3': '9-3' is not a range"),
     (["--pairs", "1000"], r"--pairs 1000: the spair-71k test split has only 26 pairs; ask for at most 26"),
 ])
@@ -113,6 +116,7 @@ def test_bad_sweeps_name_the_value_and_the_fix(flux_pipeline_dir, tmp_path, caps
 
     assert run_sweep(flux_pipeline_dir, tmp_path, *extra) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.rglob("*.safetensors"))  # refused before any extraction
 
 
 def test_a_preset_file_with_unknown_keys_is_refused_naming_the_key(tmp_path, capsys):

@@ -125,6 +125,12 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def setting_flags(args: argparse.Namespace) -> list[str]:
+    """The feature-setting flags the command line gave, as typed (`--variant`, not the settings it expands to)."""
+    given = ["--variant"] if getattr(args, "variant", None) is not None else []
+    return given + [f"--{name.replace('_', '-')}" for name in SETTING_OPTIONS if getattr(args, name, None) is not None]
+
+
 def resolve_cli_settings(args: argparse.Namespace, task: str | None = None, **fixed: Any) -> FeatureSettings:
     """The `FeatureSettings` of the command: the model's (task) preset changed by the given flags and `fixed`.
 

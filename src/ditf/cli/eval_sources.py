@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from ditf.cli.common import device_of, quiet_loading, resolve_cli_settings, settings_overrides
+from ditf.cli.common import device_of, quiet_loading, resolve_cli_settings, setting_flags
 from ditf.errors import InvalidArgumentError
 from ditf.settings import DTYPES
 
@@ -65,7 +65,7 @@ def source_options(args: argparse.Namespace, *, task: str,
         given = [flag for flag, value in (*cache_flags, ("--prompt-mode", getattr(args, "prompt_mode", None)),
                                           ("--variant", args.variant))
                  if value and not (fuse is not None and (flag, value) in cache_flags)]
-        given += [f"--{name.replace('_', '-')}" for name in settings_overrides(args)]
+        given += setting_flags(args)
         if given:
             raise InvalidArgumentError(
                 f"{', '.join(sorted(set(given)))} describe how features are extracted, but --features reads "
@@ -76,7 +76,7 @@ def source_options(args: argparse.Namespace, *, task: str,
     if args.baseline is not None:
         from ditf.baselines import BaselineExtractor
 
-        given = [f"--{name.replace('_', '-')}" for name in settings_overrides(args)]
+        given = setting_flags(args)
         if given:
             raise InvalidArgumentError(f"{', '.join(given)} set DiTF features, but --baseline {args.baseline} has its "
                                        "own published settings; drop them (or use --model).")

@@ -63,7 +63,7 @@ def run_features(args: argparse.Namespace) -> int:
     """Write one feature file per image; a file already holding this image's features with these settings is kept."""
     from tqdm.auto import tqdm
 
-    from ditf.eval.cache import file_sha256
+    from ditf.eval.cache import file_sha256, keyed_settings
     from ditf.features.io import read_feature_header, save_features
     from ditf.errors import DatasetError
     from ditf.features.preprocess import load_image
@@ -77,7 +77,8 @@ def run_features(args: argparse.Namespace) -> int:
     settings = resolve_cli_settings(args)
     check_model(args.model, needs=("transformer", "vae"), config=args.config)
     targets = feature_files(images, check_output_folder(args.output, "--output"))
-    wanted = {"settings": settings.to_dict(), "half": args.half, "model_identity": model_identity(args.model, config=args.config)}
+    identity = model_identity(args.model, config=args.config)
+    wanted = {"settings": keyed_settings({**settings.to_dict(), "model_identity": identity}), "half": args.half}
     todo = []
     for image, target in zip(images, targets):
         record = {**wanted, "image_sha256": file_sha256(image)}

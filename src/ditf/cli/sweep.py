@@ -64,6 +64,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from ditf.cli.eval_sources import refuse_prompt
 
     blocks, timesteps = parse_blocks(args.blocks), parse_timesteps(args.timesteps)
+    if args.pairs < 1:
+        raise InvalidArgumentError(f"--pairs {args.pairs}: give at least 1 (pairs drawn from the split).")
     refuse_prompt(args)
     quiet_loading()
     output = check_output_folder(args.output, "--output")
@@ -73,9 +75,14 @@ def run_sweep(args: argparse.Namespace) -> int:
                               task=args.benchmark, device=device_of(args), offload=args.offload, config=args.config,
                               variant_files=args.weights_variant)
     dataset = subset_pairs(_load(args), args.pairs, args.pair_seed)
-    results = sweep(dataset, extractor, blocks, timesteps, cache_dir=args.cache or default_cache_dir(),
-                    prompt_mode=args.prompt_mode, shard=args.shard, workers=args.workers,
-                    output=None if args.shard else output, progress=not args.quiet)
+    try:
+        results = sweep(dataset, extractor, blocks, timesteps, cache_dir=args.cache or default_cache_dir(),
+                        prompt_mode=args.prompt_mode, shard=args.shard, workers=args.workers,
+                        output=None if args.shard else output, progress=not args.quiet)
+    except InvalidArgumentError as err:
+        if not str(err).startswith("block="):  # the model's range, found when its deepest block is loaded
+            raise
+        raise InvalidArgumentError(f"--blocks {args.blocks}: block {str(err).removeprefix('block=')}") from err
     if args.shard:
         print(json.dumps(results))
         return 0

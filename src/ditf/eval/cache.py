@@ -37,9 +37,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def keyed_settings(settings: Mapping) -> dict:
+    """`settings` as far as they identify features: where a `model_identity` says what the weights are, the
+    `model` reference as typed ("smoke", "./smoke", an absolute path) is left out, so every spelling of one
+    model folder finds the same entries."""
+    if "model_identity" in settings:
+        return {key: value for key, value in settings.items() if key != "model"}
+    return dict(settings)
+
+
 def cache_key(image_sha256: str, settings: Mapping, prompt: str) -> str:
-    """Hex SHA-256 of the canonical JSON of the image hash, every setting and the prompt."""
-    payload = {"format": CACHE_FORMAT, "image": image_sha256, "settings": dict(settings), "prompt": prompt}
+    """Hex SHA-256 of the canonical JSON of the image hash, every setting (`keyed_settings`) and the prompt."""
+    payload = {"format": CACHE_FORMAT, "image": image_sha256, "settings": keyed_settings(settings), "prompt": prompt}
     try:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     except TypeError as err:
@@ -103,5 +112,5 @@ class FeatureCache:
         return save_features(self.path_for(key), features, settings=settings, metadata=metadata, dtype=self.storage_dtype)
 
 
-__all__ = ["CACHE_FORMAT", "FEATURES_KEY", "CorruptCacheEntryWarning", "FeatureCache", "cache_key",
+__all__ = ["CACHE_FORMAT", "FEATURES_KEY", "CorruptCacheEntryWarning", "FeatureCache", "cache_key", "keyed_settings",
            "file_sha256"]

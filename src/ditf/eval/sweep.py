@@ -84,13 +84,14 @@ def sweep(dataset: CorrespondenceDataset, extractor: DiTFExtractor, blocks: Sequ
     prompts = PromptPolicy(prompt_mode or extractor.prompt_mode)
     images = dataset.images() if shard is None else shard_images(dataset.images(), *parse_shard(shard))
     base = extractor.with_settings(block=tuple(blocks) if len(blocks) > 1 else blocks[0])
+    at_t = {t: base.with_settings(t=t) for t in timesteps}  # every timestep checked before any extraction
     extracted = 0
     hashes: dict[Path, str] = {}  # each image is hashed once for every block and timestep
     for t in timesteps:
-        sources = {k: CachedExtractor(base.with_settings(block=k, t=t), cache_dir, prompts, image_hashes=hashes)
+        sources = {k: CachedExtractor(at_t[t].with_settings(block=k), cache_dir, prompts, image_hashes=hashes)
                    for k in blocks}
         for image in tqdm(images, desc=f"t={t:g}: {len(blocks)} blocks per image", disable=not progress):
-            extracted += _fill(image, base.with_settings(t=t), sources, prompts(image))
+            extracted += _fill(image, at_t[t], sources, prompts(image))
     if shard is not None:
         index, count = parse_shard(shard)
         return {"shard": f"{index}/{count}", "images": len(images), "extracted": extracted}
@@ -99,7 +100,7 @@ def sweep(dataset: CorrespondenceDataset, extractor: DiTFExtractor, blocks: Sequ
     per_image = [[0.0] * len(blocks) for _ in timesteps]
     for i, t in enumerate(tqdm(timesteps, desc="scoring", disable=not progress)):
         for j, k in enumerate(blocks):
-            source = CachedExtractor(base.with_settings(block=k, t=t), cache_dir, prompts, cache_only=True,
+            source = CachedExtractor(at_t[t].with_settings(block=k), cache_dir, prompts, cache_only=True,
                                      image_hashes=hashes)
             scores = score_pairs(dataset, source, protocol, workers=workers, progress=False)
             per_point[i][j], per_image[i][j] = scores["all_per_point"], scores["all_per_image"]
