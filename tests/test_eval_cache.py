@@ -310,6 +310,22 @@ def test_cpu_scoring_runs_on_one_thread_unless_asked_and_restores_torch_setting(
         score_pairs(dataset, source, protocol_for(dataset), threads=0, progress=False)
 
 
+def test_the_command_line_passes_threads_to_scoring(monkeypatch, capsys):
+    seen: list[int] = []
+    read = FeatureFolder.load
+    monkeypatch.setattr(FeatureFolder, "load",
+                        lambda self, image: seen.append(torch.get_num_threads()) or read(self, image))
+    argv = ["eval", "spair", "--root", str(REAL), "--features", str(REAL / "features"), "--quiet"]
+    torch.set_num_threads(2)
+    try:
+        for extra, expected in (([], 1), (["--threads", "2"], 2)):
+            seen.clear()
+            assert main(argv + extra) == 0 and set(seen) == {expected}
+    finally:
+        torch.set_num_threads(1)
+    assert main(argv + ["--threads", "0"]) == 2 and "--threads 0: give at least 1" in capsys.readouterr().err
+
+
 def test_results_are_written_atomically(tmp_path):
     path = tmp_path / "results.json"
     write_json_atomic(path, {"all_per_point": 1.0})

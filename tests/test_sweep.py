@@ -108,6 +108,7 @@ def test_shards_of_a_sweep_fill_the_cache_for_the_final_run(flux_pipeline_dir, t
     (["--t", ","], r"--t ',' lists no timestep"),
     (["--t", "100,2000"], r"--t 2000\.0 is outside 0\.\.1000"),
     (["--pairs", "0"], r"--pairs 0: give at least 1"),
+    (["--threads", "0"], r"--threads 0: give at least 1"),
     (["--blocks", "9-3"], r"--blocks '9-3': '9-3' is not a range"),
     (["--pairs", "1000"], r"--pairs 1000: the spair-71k test split has only 26 pairs; ask for at most 26"),
 ])

@@ -125,6 +125,19 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+THREADS_HELP = ("torch threads of each scoring process (default: 1 on the CPU, where more only slow the matcher's "
+                "small products down: use --workers; torch's setting on a GPU)")
+
+
+def check_scoring_processes(args: argparse.Namespace) -> None:
+    """InvalidArgumentError unless --workers and --threads (when given) are at least 1."""
+    if args.workers < 1:
+        raise InvalidArgumentError(f"--workers {args.workers}: give at least 1 (processes scoring pairs).")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgumentError(f"--threads {args.threads}: give at least 1 (torch threads per scoring process), "
+                                   "or leave it out.")
+
+
 def setting_flags(args: argparse.Namespace) -> list[str]:
     """The feature-setting flags the command line gave, as typed (`--variant`, not the settings it expands to)."""
     given = ["--variant"] if getattr(args, "variant", None) is not None else []

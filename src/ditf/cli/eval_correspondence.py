@@ -13,7 +13,14 @@ import argparse
 import json
 from typing import Any
 
-from ditf.cli.common import HelpFormatter, add_model_args, add_settings_args, device_of
+from ditf.cli.common import (
+    THREADS_HELP,
+    HelpFormatter,
+    add_model_args,
+    add_settings_args,
+    check_scoring_processes,
+    device_of,
+)
 from ditf.cli.eval_sources import add_source_args, source_options
 from ditf.cli.outputs import check_output_file
 from ditf.errors import InvalidArgumentError
@@ -71,6 +78,7 @@ def _common_options() -> argparse.ArgumentParser:
                           help="CPU processes scoring pairs in parallel, whole targets to a process; each uses one "
                                "torch thread (the small float64 products of the matcher slow down when split over "
                                "threads), so give as many workers as free cores")
+    protocol.add_argument("--threads", type=int, help=THREADS_HELP)
     protocol.add_argument("--allow", default="", metavar="CHECKS",
                           help="feature-map checks to switch off, comma-separated: constant, aspect")
 
@@ -155,12 +163,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         check_output_file(args.output, "--output", (".json",))
     elif args.plot:
         raise InvalidArgumentError("--plot writes figures next to the results file: add --output results.json.")
-    if args.workers < 1:
-        raise InvalidArgumentError(f"--workers {args.workers}: give at least 1 (processes scoring pairs).")
+    check_scoring_processes(args)
     allow = [check.strip() for check in args.allow.split(",") if check.strip()]
-    options = dict(source_options(args, task=args.benchmark), **fusion_options(args), protocol=args.protocol, threshold=args.threshold, matcher=args.matcher,
-                   pad_size=args.pad_size, categories=args.categories, split=args.split, workers=args.workers,
-                   allow=allow, progress=not args.quiet)
+    options = dict(source_options(args, task=args.benchmark), **fusion_options(args), protocol=args.protocol,
+                   threshold=args.threshold, matcher=args.matcher, pad_size=args.pad_size, categories=args.categories,
+                   split=args.split, workers=args.workers, threads=args.threads, allow=allow, progress=not args.quiet)
     if args.benchmark == "spair":
         from ditf.eval.spair import parse_filters
 

@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 from ditf.cli.common import (
+    THREADS_HELP,
     HelpFormatter,
     add_model_args,
     add_settings_args,
+    check_scoring_processes,
     device_of,
     quiet_loading,
     resolve_cli_settings,
@@ -41,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--cache", help="feature cache folder (default $DITF_CACHE_DIR/features)")
         parser.add_argument("--shard", help="i/n: only extract this share of the images (then run without --shard)")
         parser.add_argument("--workers", type=int, default=1, help="CPU processes scoring pairs in parallel")
+        parser.add_argument("--threads", type=int, help=THREADS_HELP)
         parser.add_argument("--prompt-mode", choices=["empty", "class"], help="prompts (default: the task's, class)")
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         add_model_args(parser)
@@ -64,6 +67,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from ditf.cli.eval_sources import refuse_prompt
 
     blocks, timesteps = parse_blocks(args.blocks), parse_timesteps(args.timesteps)
+    check_scoring_processes(args)
     if args.pairs < 1:
         raise InvalidArgumentError(f"--pairs {args.pairs}: give at least 1 (pairs drawn from the split).")
     refuse_prompt(args)
@@ -77,7 +81,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     dataset = subset_pairs(_load(args), args.pairs, args.pair_seed)
     try:
         results = sweep(dataset, extractor, blocks, timesteps, cache_dir=args.cache or default_cache_dir(),
-                        prompt_mode=args.prompt_mode, shard=args.shard, workers=args.workers,
+                        prompt_mode=args.prompt_mode, shard=args.shard, workers=args.workers, threads=args.threads,
                         output=None if args.shard else output, progress=not args.quiet)
     except InvalidArgumentError as err:
         if not str(err).startswith("block="):  # the model's range, found when its deepest block is loaded

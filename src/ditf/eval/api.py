@@ -79,7 +79,8 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
                             captions: str | Path | None = None, cache_dir: str | Path | None = None,
                             cache_only: bool = False, cache_dtype: StorageDtype | None = None,
                             shard: str | tuple[int, int] | None = None, workers: int = 1,
-                            device: str | torch.device | None = None, allow: Sequence[str] = (),
+                            threads: int | None = None, device: str | torch.device | None = None,
+                            allow: Sequence[str] = (),
                             fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
                             fusion: FusionSettings | Mapping[str, Any] | None = None,
                             progress: bool = True) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def evaluate_correspondence(dataset: CorrespondenceDataset, *, features: str | P
             summary["fuse_extracted"] = extra["extracted"]
             summary["missing_in_dataset"] += extra["missing_in_dataset"]
         return summary
-    results = score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers,
+    results = score_pairs(dataset, source, chosen, settings=source.describe(), workers=workers, threads=threads,
                           device=device if device is not None else _scoring_device(extractor, workers), allow=allow,
                           fusion=fused, progress=progress)
     return {**results, **settings_sources(extractor)}
@@ -168,18 +169,19 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
                    threshold: str | None = None, matcher: str | None = None, pad_size: int | None = None,
                    prompt_mode: str | None = None, captions: str | Path | None = None,
                    cache_dir: str | Path | None = None, cache_only: bool = False, cache_dtype: StorageDtype | None = None,
-                   shard: str | tuple[int, int] | None = None, workers: int = 1, device: str | torch.device | None = None,
-                   allow: Sequence[str] = (), fuse: str | Extractor | None = None,
-                   fuse_features: str | Path | None = None, fusion: FusionSettings | Mapping[str, Any] | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   shard: str | tuple[int, int] | None = None, workers: int = 1, threads: int | None = None,
+                   device: str | torch.device | None = None, allow: Sequence[str] = (),
+                   fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                   fusion: FusionSettings | Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """PCK on SPair-71k: the results dict `ditf eval spair` writes (`ditf.eval.scoring.score_pairs` documents it).
 
     root: the SPair-71k folder; split: "test", "val" or "trn"; categories, filters (variation flag -> allowed
     values), layout ("large", "small", ...): which pairs. protocol: "ditf" (the DiTF authors' eval_spair.py) or
     "geoaware" (GeoAware-SC), with threshold ("bbox" or "image"), matcher ("upsampled" or "patch") and pad_size
     overrides. Features: see `feature_source`. shard "i/n" or "auto": fill the cache for that share of the images
-    and return its summary. workers: CPU scoring processes (one torch thread each). device: where the matcher runs
-    (default: the extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect"). fuse,
+    and return its summary. workers: CPU scoring processes. threads: torch threads of each (default: one on the
+    CPU, where more only slow the matcher down; torch's setting on a GPU). device: where the matcher runs (default:
+    the extractor's GPU, else the CPU). allow: feature-map checks to switch off ("constant", "aspect"). fuse,
     fuse_features, fusion: fuse each pair with DINOv2 features (`fusion_with`; the paper's † rows); the results'
     settings and protocol card then hold the fusion parameters under "fusion".
     """
@@ -190,8 +192,8 @@ def evaluate_spair(root: str | Path, *, features: str | Path | None = None, extr
     return evaluate_correspondence(dataset, features=features, extractor=extractor, protocol=protocol,
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
-                                   cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
+                                   cache_dtype=cache_dtype, shard=shard, workers=workers, threads=threads,
+                                   device=device, allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
                                    progress=progress)
 
 
@@ -201,8 +203,9 @@ def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, e
                       prompt_mode: str | None = None, captions: str | Path | None = None,
                       cache_dir: str | Path | None = None, cache_only: bool = False,
                       cache_dtype: StorageDtype | None = None, shard: str | tuple[int, int] | None = None,
-                      workers: int = 1, device: str | torch.device | None = None, allow: Sequence[str] = (),
-                      fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                      workers: int = 1, threads: int | None = None, device: str | torch.device | None = None,
+                      allow: Sequence[str] = (), fuse: str | Extractor | None = None,
+                      fuse_features: str | Path | None = None,
                       fusion: FusionSettings | Mapping[str, Any] | None = None,
                       progress: bool = True) -> dict[str, Any]:
     """PCK on PF-Pascal (image-size thresholds, alphas 0.1/0.05/0.15 by default); options as `evaluate_spair`."""
@@ -212,8 +215,8 @@ def evaluate_pfpascal(root: str | Path, *, features: str | Path | None = None, e
     return evaluate_correspondence(dataset, features=features, extractor=extractor, protocol=protocol,
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
-                                   cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
+                                   cache_dtype=cache_dtype, shard=shard, workers=workers, threads=threads,
+                                   device=device, allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
                                    progress=progress)
 
 
@@ -223,8 +226,9 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
                    pad_size: int | None = None, prompt_mode: str | None = None, captions: str | Path | None = None,
                    cache_dir: str | Path | None = None, cache_only: bool = False,
                    cache_dtype: StorageDtype | None = None, shard: str | tuple[int, int] | None = None,
-                   workers: int = 1, device: str | torch.device | None = None, allow: Sequence[str] = (),
-                   fuse: str | Extractor | None = None, fuse_features: str | Path | None = None,
+                   workers: int = 1, threads: int | None = None, device: str | torch.device | None = None,
+                   allow: Sequence[str] = (), fuse: str | Extractor | None = None,
+                   fuse_features: str | Path | None = None,
                    fusion: FusionSettings | Mapping[str, Any] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """PCK on AP-10K (GeoAware-SC's pairs): subset "intra-species", "cross-species" or "cross-family"; options as
@@ -235,8 +239,8 @@ def evaluate_ap10k(root: str | Path, *, features: str | Path | None = None, extr
     return evaluate_correspondence(dataset, features=features, extractor=extractor, protocol=protocol,
                                    threshold=threshold, matcher=matcher, pad_size=pad_size, prompt_mode=prompt_mode,
                                    captions=captions, cache_dir=cache_dir, cache_only=cache_only,
-                                   cache_dtype=cache_dtype, shard=shard, workers=workers, device=device,
-                                   allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
+                                   cache_dtype=cache_dtype, shard=shard, workers=workers, threads=threads,
+                                   device=device, allow=allow, fuse=fuse, fuse_features=fuse_features, fusion=fusion,
                                    progress=progress)
 
 

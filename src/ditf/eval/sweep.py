@@ -68,14 +68,16 @@ def subset_pairs(dataset: CorrespondenceDataset, count: int | None, seed: int) -
 
 def sweep(dataset: CorrespondenceDataset, extractor: DiTFExtractor, blocks: Sequence[int], timesteps: Sequence[float],
           *, cache_dir: str | Path, prompt_mode: str | None = None, shard: str | tuple[int, int] | None = None,
-          workers: int = 1, output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+          workers: int = 1, threads: int | None = None, output: str | Path | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Score every (block, t) of `blocks` x `timesteps` on `dataset` (already subset), DiTF protocol.
 
     `extractor` holds the model and the other settings (ensemble, resolution, ...). With `shard` ("i/n"), only
     this share of the images is extracted and the shard summary is returned. Otherwise the results dict:
     `benchmark`, `blocks`, `t`, `per_point` and `per_image` grids (PCK@alpha in percent, [t index][block
     index]), `best` {block, t, per_point, per_image} (by per-point PCK), `settings`, `ditf_version`; with
-    `output` (a folder) also `sweep.json`, `sweep_heatmap.png` and `sweep_lines.png` there.
+    `output` (a folder) also `sweep.json`, `sweep_heatmap.png` and `sweep_lines.png` there. `workers` and
+    `threads` say how the pairs are scored (`ditf.eval.scoring.predict_pairs`).
     """
     blocks = sorted(set(blocks))
     timesteps = list(timesteps)
@@ -102,7 +104,7 @@ def sweep(dataset: CorrespondenceDataset, extractor: DiTFExtractor, blocks: Sequ
         for j, k in enumerate(blocks):
             source = CachedExtractor(at_t[t].with_settings(block=k), cache_dir, prompts, cache_only=True,
                                      image_hashes=hashes)
-            scores = score_pairs(dataset, source, protocol, workers=workers, progress=False)
+            scores = score_pairs(dataset, source, protocol, workers=workers, threads=threads, progress=False)
             per_point[i][j], per_image[i][j] = scores["all_per_point"], scores["all_per_image"]
     i, j = max(((i, j) for i in range(len(timesteps)) for j in range(len(blocks))), key=lambda c: per_point[c[0]][c[1]])
     results = {
