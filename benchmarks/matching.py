@@ -47,7 +47,7 @@ from ditf.eval.metrics import PairOutcome, bbox_threshold, point_errors, summari
 from ditf.eval.protocol import protocol_for
 from ditf.eval.scoring import score_pairs, torch_threads
 from ditf.eval.sources import FeatureFolder
-from ditf.features.io import load_features, save_features
+from ditf.features.io import save_features
 from ditf.matching.correspondence import cosine_map, match_points, upsample_then_match
 
 TIME_TARGET = 50.0
@@ -205,44 +205,46 @@ def token_grid(size: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def write_features(dataset: CorrespondenceDataset, root: Path, channels: int, seed: int) -> None:
-    """Seeded random (C, h, w) float32 maps of every image as `root/<category>/<stem>.safetensors`."""
+def write_features(dataset: CorrespondenceDataset, folder: FeatureFolder, channels: int, seed: int) -> None:
+    """Seeded random (C, h, w) float32 maps of every image, where `folder` reads them
+    (`<root>/<category>/<stem>.safetensors`)."""
     generator = torch.Generator().manual_seed(seed)
     for image in dataset.images():
         features = torch.randn(channels, *token_grid(image.size), generator=generator)
-        save_features(root / image.group / f"{image.stem}.safetensors", features)
+        save_features(folder.path_for(image), features)
 
 
-def time_ours(dataset: CorrespondenceDataset, root: Path, **where: int) -> tuple[float, dict]:
+def time_ours(dataset: CorrespondenceDataset, folder: FeatureFolder, **where: int) -> tuple[float, dict]:
     """Wall seconds of `score_pairs` (every pair, from the files to the PCK) with `where` (threads or
     workers), and its results."""
     start = time.perf_counter()
-    results = score_pairs(dataset, FeatureFolder(root), protocol_for(dataset), progress=False, **where)
+    results = score_pairs(dataset, folder, protocol_for(dataset), progress=False, **where)
     return time.perf_counter() - start, results
 
 
-def reference_pair(pair: KeypointPair, root: Path) -> tuple[np.ndarray, PairOutcome]:
+def reference_pair(pair: KeypointPair, folder: FeatureFolder) -> tuple[np.ndarray, PairOutcome]:
     """The upsample-then-match reference for one pair: read both maps, upsample both to the image sizes in fp32,
     cosine argmax. Returns the (P, 2) predicted target pixels (x, y) and the outcome for the PCK."""
-    src = load_features(root / pair.source.group / f"{pair.source.stem}.safetensors")[0]
-    trg = load_features(root / pair.target.group / f"{pair.target.stem}.safetensors")[0]
+    src, trg = folder.load(pair.source), folder.load(pair.target)
     points = torch.from_numpy(np.floor(pair.source_points).astype(np.int64))
     predicted = upsample_then_match(src, trg, points, pair.source.size, pair.target.size).numpy()
     errors = point_errors(predicted, pair.target_points)
     return predicted, PairOutcome(pair.name, pair.category, errors, bbox_threshold(pair.target_bbox))
 
 
-def time_reference(pairs: list[KeypointPair], root: Path, threads: int) -> tuple[float, dict[str, np.ndarray], list]:
+def time_reference(pairs: list[KeypointPair], folder: FeatureFolder,
+                   threads: int) -> tuple[float, dict[str, np.ndarray], list]:
     """Wall seconds of the reference over `pairs` on `threads` torch threads, its predictions by pair name and
     its outcomes."""
     with torch_threads(threads):
         start = time.perf_counter()
-        done = {pair.name: reference_pair(pair, root) for pair in pairs}
+        done = {pair.name: reference_pair(pair, folder) for pair in pairs}
         seconds = time.perf_counter() - start
     return seconds, {name: predicted for name, (predicted, _) in done.items()}, [o for _, o in done.values()]
 
 
-def count_disagreements(pairs: list[KeypointPair], ours: dict, reference: dict[str, np.ndarray], root: Path) -> int:
+def count_disagreements(pairs: list[KeypointPair], ours: dict, reference: dict[str, np.ndarray],
+                        folder: FeatureFolder) -> int:
     """Keypoints where our prediction (results' `pairs`) and the reference's differ by more than a near-tie."""
     count = 0
     for pair in pairs:
@@ -250,8 +252,7 @@ def count_disagreements(pairs: list[KeypointPair], ours: dict, reference: dict[s
         differing = [i for i, (a, b) in enumerate(zip(fast, slow)) if a != b]
         if not differing:
             continue
-        src = load_features(root / pair.source.group / f"{pair.source.stem}.safetensors")[0]
-        trg = load_features(root / pair.target.group / f"{pair.target.stem}.safetensors")[0]
+        src, trg = folder.load(pair.source), folder.load(pair.target)
         points = torch.from_numpy(np.floor(pair.source_points[differing]).astype(np.int64))
         cos = cosine_map(src, trg, points, pair.source.size, pair.target.size)
         count += sum(not near_tie(cos[k], fast[i], slow[i]) for k, i in enumerate(differing))
@@ -265,18 +266,18 @@ def end_to_end(args: argparse.Namespace) -> None:
     print(f"end to end: {len(dataset.pairs)} pairs ({points} keypoints), {len(dataset.images())} images, "
           f"C={args.channels}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="ditf-end-to-end-") as folder:
-        root = Path(folder)
-        write_features(dataset, root, args.channels, args.seed)
+        features = FeatureFolder(folder)
+        write_features(dataset, features, args.channels, args.seed)
         rng = np.random.default_rng(args.seed + 1)
         subset = [dataset.pairs[i] for i in sorted(rng.choice(len(dataset.pairs), args.reference_pairs,
                                                               replace=False))]
-        ref_seconds, ref_predictions, ref_outcomes = time_reference(subset, root, args.reference_threads)
+        ref_seconds, ref_predictions, ref_outcomes = time_reference(subset, features, args.reference_threads)
         ref_rate = len(subset) / ref_seconds
         print(f"  {'reference: upsample-then-match (fp32)':40s} {ref_rate:8.2f} pairs/s  ({len(subset)} seeded "
               f"pairs in {ref_seconds:.1f} s, torch threads: {args.reference_threads})")
         modes = {"ours, 1 thread": {"threads": 1}, "ours, 2 threads": {"threads": 2},
                  "ours, 2 workers (1 thread each)": {"workers": 2}}
-        runs = {label: time_ours(dataset, root, **where) for label, where in modes.items()}
+        runs = {label: time_ours(dataset, features, **where) for label, where in modes.items()}
         for label, (seconds, _) in runs.items():
             rate = len(dataset.pairs) / seconds
             print(f"  {label:40s} {rate:8.2f} pairs/s  ({len(dataset.pairs)} pairs in {seconds:.1f} s)   "
@@ -284,7 +285,7 @@ def end_to_end(args: argparse.Namespace) -> None:
                   f"{'OK' if rate / ref_rate >= TIME_TARGET else 'MISSED'}")
         results = [found for _, found in runs.values()]
         print(f"  our modes give identical results: {all(found == results[0] for found in results)}")
-        bad = count_disagreements(subset, results[0]["pairs"], ref_predictions, root)
+        bad = count_disagreements(subset, results[0]["pairs"], ref_predictions, features)
         subset_points = sum(pair.num_points for pair in subset)
         ours_correct = sum(results[0]["pairs"][pair.name]["correct"] for pair in subset)
         ref_correct = summarize(ref_outcomes, dataset.categories, 0.1, "<=")["all_per_point"] * subset_points / 100

@@ -125,8 +125,15 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-THREADS_HELP = ("torch threads of each scoring process (default: 1 on the CPU, where more only slow the matcher's "
-                "small products down: use --workers; torch's setting on a GPU)")
+def add_scoring_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--workers and --threads: how the pairs of a correspondence benchmark are scored (`check_scoring_processes`)."""
+    parser.add_argument("--workers", type=int, default=1,
+                        help="CPU processes scoring pairs in parallel, whole targets to a process; each uses one "
+                             "torch thread (the small float64 products of the matcher slow down when split over "
+                             "threads), so give as many workers as free cores")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads of each scoring process (default: 1 on the CPU, where more only slow the "
+                             "matcher's small products down: use --workers; torch's setting on a GPU)")
 
 
 def check_scoring_processes(args: argparse.Namespace) -> None:

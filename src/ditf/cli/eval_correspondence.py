@@ -14,9 +14,9 @@ import json
 from typing import Any
 
 from ditf.cli.common import (
-    THREADS_HELP,
     HelpFormatter,
     add_model_args,
+    add_scoring_args,
     add_settings_args,
     check_scoring_processes,
     device_of,
@@ -74,11 +74,7 @@ def _common_options() -> argparse.ArgumentParser:
     protocol.add_argument("--threshold", choices=THRESHOLDS, help="PCK length: target bbox or image (dataset default)")
     protocol.add_argument("--matcher", choices=MATCHERS, help="override the protocol's matcher")
     protocol.add_argument("--pad-size", type=int, help=f"square side of --protocol geoaware (default: {GEOAWARE_PAD_SIZE})")
-    protocol.add_argument("--workers", type=int, default=1,
-                          help="CPU processes scoring pairs in parallel, whole targets to a process; each uses one "
-                               "torch thread (the small float64 products of the matcher slow down when split over "
-                               "threads), so give as many workers as free cores")
-    protocol.add_argument("--threads", type=int, help=THREADS_HELP)
+    add_scoring_args(protocol)
     protocol.add_argument("--allow", default="", metavar="CHECKS",
                           help="feature-map checks to switch off, comma-separated: constant, aspect")
 

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from ditf.cli.common import (
-    THREADS_HELP,
     HelpFormatter,
     add_model_args,
+    add_scoring_args,
     add_settings_args,
     check_scoring_processes,
     device_of,
@@ -42,8 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--write-preset", metavar="FILE", help="write (or update) the best setting as a preset in FILE")
         parser.add_argument("--cache", help="feature cache folder (default $DITF_CACHE_DIR/features)")
         parser.add_argument("--shard", help="i/n: only extract this share of the images (then run without --shard)")
-        parser.add_argument("--workers", type=int, default=1, help="CPU processes scoring pairs in parallel")
-        parser.add_argument("--threads", type=int, help=THREADS_HELP)
+        add_scoring_args(parser)
         parser.add_argument("--prompt-mode", choices=["empty", "class"], help="prompts (default: the task's, class)")
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         add_model_args(parser)
